@@ -1,0 +1,181 @@
+"""The Llama decoder (Llama 2 / 3.x, Mistral, SmolLM2), and the base of the Qwen families.
+
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so checkpoints load
+name for name. Qwen2 adds a bias to q, k, v; Qwen3 normalises q and k per head: both are flags of
+`ModelConfig`, and qwen2.py / qwen3.py only translate their config.json.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H query heads, Hkv key/value heads, D head_dim,
+C hidden size, V vocabulary.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.attention import attention
+from ..nn.norm import RMSNorm
+from ..nn.rope import RotaryEmbedding, apply_rope
+from .config import ModelConfig, base_config_from_hf
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Llama and Mistral (Mistral is Llama with an optional sliding attention window)."""
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("Llama configs with attention_bias or mlp_bias are not supported")
+    window = hf.get("sliding_window")
+    if window is not None and window >= hf.get("max_position_embeddings", 0):
+        window = None  # a window as long as the context changes nothing
+    return base_config_from_hf(hf, sliding_window=window)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        C, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(C, q_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(C, kv_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(C, kv_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_dim, C, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, Hkv, S, D): the cached keys followed by the new ones
+        y = attention(q, k, v, mask=mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Hugging Face's `model.*` part: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        last_logits_only: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids: (B, T).
+
+        attention_mask: None, a (B, S) 0/1 padding mask over cached + new tokens, or a ready boolean
+        (B, 1, T, S) mask (True = may attend). position_ids: (B, T); by default counted from the padding
+        mask, or from the cache length. With labels, returns the mean cross-entropy over the label tokens
+        that are not -100 after the shift (token t predicts label t + 1); otherwise the logits, of the last
+        position only when `last_logits_only` (generation needs no more).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if self.config.sliding_window is not None and past + T > self.config.sliding_window:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds this model's sliding attention window "
+                f"({self.config.sliding_window}), which lorafit does not implement yet"
+            )
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, B, T, past, input_ids.device)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask if attention_mask.dim() == 4 else padding_causal_mask(attention_mask, T)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, D)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.model.norm(x)
+
+        if labels is None:
+            if last_logits_only:
+                x = x[:, -1:]
+            return CausalLMOutput(logits=self.lm_head(x))  # (B, T, V)
+        logits = self.lm_head(x).float()
+        shifted = labels[:, 1:].reshape(-1)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def default_position_ids(attention_mask, B, T, past, device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded prompt starts at position 0 like an unpadded one."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.arange(past, past + T, device=device).expand(B, T)
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
+    return positions[:, -T:].clamp(min=0)
+
+
+def padding_causal_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, S) 0/1 padding mask -> (B, 1, T, S) boolean: causal, and never attending to padding.
+
+    The T queries are the last T of the S positions. A query sitting on a padding position would see no
+    key at all (and SDPA would return NaN), so every query may always see itself; such rows are thrown away.
+    """
+    S = attention_mask.shape[-1]
+    query_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    allowed = (key_pos <= query_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    return allowed | (key_pos == query_pos)

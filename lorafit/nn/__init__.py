@@ -1,0 +1,1 @@
+"""Shared building blocks of the decoder models: normalisation, rotary embeddings, attention."""
