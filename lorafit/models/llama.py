@@ -143,7 +143,7 @@ class CausalLM(nn.Module):
             mask = attention_mask if attention_mask.dim() == 4 else padding_causal_mask(attention_mask, T)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, D)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, 1, T, D)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
