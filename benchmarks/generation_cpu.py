@@ -8,6 +8,7 @@ Prints a table and appends it to benchmarks/results.jsonl.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -24,14 +25,18 @@ PROMPTS = [
 ]
 
 
-def time_best(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pool, first-call caches
-    best = float("inf")
+def time_interleaved(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, run in turns so that a slow spell of a shared machine (seen here:
+    +-20% between consecutive runs) hits all of them alike."""
+    for fn in fns:
+        fn()  # warm-up: allocator, thread pool, first-call caches
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -39,17 +44,18 @@ def main() -> None:
 
     import lorafit
     from lorafit.generate import generate_ids
-    from lorafit.models.loading import resolve_source
+    from lorafit.models.loading import DTYPES, resolve_source
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="for both models")
     args = p.parse_args()
 
     directory = resolve_source(args.model)
-    ours, tokenizer = lorafit.load_model(directory, dtype="float32", device="cpu")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ours, tokenizer = lorafit.load_model(directory, dtype=args.dtype, device="cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[args.dtype]).eval()
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = args.new_tokens
@@ -69,7 +75,7 @@ def main() -> None:
                 out = theirs.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=pad)
             assert out.shape[1] - enc.input_ids.shape[1] == n
 
-        t_ours, t_theirs = time_best(run_ours, args.repeats), time_best(run_theirs, args.repeats)
+        t_ours, t_theirs = time_interleaved([run_ours, run_theirs], args.repeats)
         rows.append({
             "batch": batch, "new_tokens": n,
             "lorafit_tok_s": round(batch * n / t_ours, 1),
@@ -82,7 +88,7 @@ def main() -> None:
         print(f"{r['batch']:>5} {r['lorafit_tok_s']:>14} {r['transformers_tok_s']:>19} {r['ratio']:>6}")
     from _record import record
 
-    record("generation_cpu", rows, model=str(args.model))
+    record("generation_cpu", rows, model=str(args.model), dtype=args.dtype)
 
 
 if __name__ == "__main__":
