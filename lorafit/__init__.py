@@ -1,11 +1,28 @@
 """lorafit: fine-tune open LLMs with LoRA, QLoRA, full fine-tuning, DPO and GRPO on native PyTorch models."""
 
+from .adapter_io import load_adapter, save_adapter
 from .errors import LoadError, LorafitError
+from .finetune import prepare_for_finetuning
 from .generate import generate
 from .models.config import ModelConfig
 from .models.llama import CausalLM
+from .lora import LoRALinear, apply_lora, merge_lora
 from .models.loading import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["CausalLM", "LoadError", "LorafitError", "ModelConfig", "generate", "load_model", "__version__"]
+__all__ = [
+    "CausalLM",
+    "LoRALinear",
+    "LoadError",
+    "LorafitError",
+    "ModelConfig",
+    "__version__",
+    "apply_lora",
+    "generate",
+    "load_adapter",
+    "load_model",
+    "merge_lora",
+    "prepare_for_finetuning",
+    "save_adapter",
+]

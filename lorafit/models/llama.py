@@ -111,6 +111,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.name_or_path: str | None = None  # where the weights came from (saved in adapter configs)
+        self.lora_config = None  # set by apply_lora
 
     def forward(
         self,

@@ -34,10 +34,12 @@ def load_model(source, dtype=None, quantize=None, device=None, cache_dir=None):
         checkpoint = read_gguf(path)
         config = _model_config(checkpoint.hf_config, path)
         model = build_from_tensors(config, checkpoint.tensors(), dtype, device, path)
+        model.name_or_path = str(source)
         return model, checkpoint.tokenizer
     hf_config = read_hf_config(path)
     config = _model_config(hf_config, path / "config.json")
     model = build_from_tensors(config, iter_hf_tensors(path), dtype, device, path)
+    model.name_or_path = str(source)
     return model, load_tokenizer(path)
 
 

@@ -1,0 +1,230 @@
+"""LoRA adapters by composition: `LoRALinear` wraps a base linear layer (dense or NF4) and adds B·A.
+
+    y = base(x) + scaling · B(A(dropout(x)))      scaling = alpha / r,  or alpha / sqrt(r) with rsLoRA
+
+DoRA (weight-decomposed LoRA) rescales each output row to a learned magnitude m:
+    y = bias + m / ||W + scaling·B·A||_row · (W x + scaling · B A x)
+with the row norm treated as a constant in backward (DoRA paper §4.3), exactly as PEFT computes it.
+
+Module and parameter names follow PEFT (`q_proj.base_layer`, `q_proj.lora_A.weight`, `q_proj.lora_B.weight`,
+`q_proj.lora_magnitude_vector`), so adapters save in PEFT's on-disk format without renaming (adapter_io.py).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGET_GROUPS = {
+    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+# Layers that `modules_to_save` may make fully trainable (the rest of the model stays frozen).
+SAVABLE_MODULES = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What `apply_lora` did: kept on the model (as `model.lora_config`) so that saving needs no arguments."""
+
+    r: int = 16
+    alpha: float = 16
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    target_modules: tuple[str, ...] = ()  # full module names, e.g. "model.layers.0.self_attn.q_proj"
+    modules_to_save: tuple[str, ...] = field(default=())
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        device, dtype = _weight_device_dtype(base_layer)
+        # PEFT's default init: A as nn.Linear initialises (Kaiming-uniform, a=sqrt(5)), B zeros, so that the
+        # adapter starts as an exact no-op.
+        self.lora_A = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = config.scaling
+        self.lora_magnitude_vector = None
+        if config.dora:
+            with torch.no_grad():  # B = 0, so the magnitude starts at the base weight's row norms
+                norms = torch.linalg.norm(base_weight(base_layer).float(), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norms.to(dtype))
+        self.disabled = False  # True: behave exactly as the base layer (the DPO reference model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        dropped = self.lora_dropout(x)
+        update = self.lora_B(self.lora_A(dropped)) * self.scaling  # (..., out)
+        if self.lora_magnitude_vector is None:
+            return y + update
+        weight = base_weight(self.base_layer).to(x.dtype)
+        row_scale = (self.lora_magnitude_vector / self.row_norm(weight)).to(x.dtype)  # (out,)
+        # Without dropout x == dropped and the base output is reused: W x = y - bias.
+        if isinstance(self.lora_dropout, nn.Identity):
+            base_out = y if self.base_layer.bias is None else y - self.base_layer.bias
+        else:
+            base_out = F.linear(dropped, weight)
+        return y + (row_scale - 1) * base_out + row_scale * update
+
+    def row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + scaling·B·A|| per output row, detached (DoRA §4.3)."""
+        delta = self.lora_B.weight @ self.lora_A.weight  # (out, in)
+        return torch.linalg.norm(weight + self.scaling * delta.detach().to(weight.dtype), dim=1).detach()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight that makes base_layer alone compute what this layer computes (no dropout)."""
+        weight = base_weight(self.base_layer)
+        merged = weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight).to(weight.dtype)
+        if self.lora_magnitude_vector is not None:
+            merged = merged * (self.lora_magnitude_vector / self.row_norm(weight)).to(weight.dtype)[:, None]
+        return merged
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.lora_magnitude_vector is not None else "LoRA"
+        return f"{kind} r={self.lora_A.out_features}, scaling={self.scaling:g}"
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense (out, in) weight of a base layer: nn.Linear's own, or an NF4 layer's dequantised one."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    return layer.dequantized_weight()
+
+
+def _weight_device_dtype(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    if isinstance(layer, nn.Linear):
+        return layer.weight.device, layer.weight.dtype
+    # Quantised layers store packed codes; adapters live in the layer's compute dtype.
+    return next(layer.buffers()).device, layer.compute_dtype
+
+
+def is_quantized_linear(m: nn.Module) -> bool:
+    """A quantised linear layer (NF4): anything that is not nn.Linear but can hand out its dense weight."""
+    return not isinstance(m, nn.Linear) and callable(getattr(m, "dequantized_weight", None))
+
+
+def is_base_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_quantized_linear(m)
+
+
+def linear_layer_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adaptable linear layer (dense or NF4; never the output head nor an adapter's own A/B)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if is_base_linear(m) and name != "lm_head" and not name.endswith((".lora_A", ".lora_B"))
+    }
+
+
+def resolve_targets(model: nn.Module, targets) -> list[str]:
+    """"all-linear" / "attention" / "mlp", or a list of short names ("q_proj") or full module names."""
+    layers = linear_layer_names(model)
+    if isinstance(targets, str):
+        if targets not in TARGET_GROUPS:
+            raise ValueError(
+                f"targets {targets!r} is not a group (groups: {', '.join(TARGET_GROUPS)}; or give a list of names)"
+            )
+        targets = TARGET_GROUPS[targets]
+    targets = list(targets)
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    chosen = []
+    for target in targets:
+        matches = [n for n in layers if n == target or n.rsplit(".", 1)[-1] == target]
+        if not matches:
+            raise ValueError(f"target {target!r} matches no linear layer (the model has: {', '.join(short_names)})")
+        chosen += matches
+    return sorted(set(chosen), key=list(layers).index)
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets="all-linear",
+    rslora: bool = False,
+    dora: bool = False,
+    modules_to_save=(),
+    verbose: bool = True,
+) -> nn.Module:
+    """Wraps the target layers in `LoRALinear` and freezes everything else. alpha None means alpha = r."""
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r} (the guide recommends 16 or 32)")
+    alpha = r if alpha is None else alpha
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r} (the guide: alpha = r or 2r)")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r} (the guide: 0, at most 0.1)")
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("the model already has LoRA adapters; merge_lora first, or load a fresh model")
+    for name in modules_to_save:
+        if name not in SAVABLE_MODULES:
+            raise ValueError(f"modules_to_save: {name!r} is not supported (supported: {', '.join(SAVABLE_MODULES)})")
+
+    names = resolve_targets(model, targets)
+    config = LoRAConfig(r, alpha, dropout, rslora, dora, tuple(names), tuple(modules_to_save))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), config))
+    for name in modules_to_save:
+        module = model.model.embed_tokens if name == "embed_tokens" else model.lm_head
+        module.weight.requires_grad_(True)
+    model.lora_config = config
+    if verbose:
+        print(parameter_summary(model))
+    return model
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.disabled = not enabled
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); a tied embedding counts once, as PEFT counts it."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every adapter into its base layer and removes the wrappers. NF4 bases become dense layers in
+    their compute dtype (merging into 4-bit codes would add a second rounding)."""
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, LoRALinear):
+            continue
+        merged = nn.Linear(m.in_features, m.out_features, bias=m.base_layer.bias is not None, device="meta")
+        merged.weight = nn.Parameter(m.merged_weight().detach().clone(), requires_grad=False)
+        if m.base_layer.bias is not None:
+            merged.bias = nn.Parameter(m.base_layer.bias.detach().clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, merged)
+    model.lora_config = None
+    return model
