@@ -1,7 +1,9 @@
 """lorafit: fine-tune open LLMs with LoRA, QLoRA, full fine-tuning, DPO and GRPO on native PyTorch models."""
 
 from .adapter_io import load_adapter, save_adapter
-from .errors import LoadError, LorafitError
+from .advisor import advise, training_plan
+from .config import Config
+from .errors import ConfigError, LoadError, LorafitError
 from .finetune import prepare_for_finetuning
 from .generate import generate
 from .models.config import ModelConfig
@@ -13,11 +15,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM",
+    "Config",
+    "ConfigError",
     "LoRALinear",
     "LoadError",
     "LorafitError",
     "ModelConfig",
     "__version__",
+    "advise",
     "apply_lora",
     "generate",
     "load_adapter",
@@ -25,4 +30,5 @@ __all__ = [
     "merge_lora",
     "prepare_for_finetuning",
     "save_adapter",
+    "training_plan",
 ]

@@ -93,6 +93,18 @@ def load_adapter(model, directory, verbose: bool = True):
                targets=targets, rslora=peft.get("use_rslora", False), dora=peft.get("use_dora", False),
                modules_to_save=tuple(peft.get("modules_to_save") or ()), verbose=False)
 
+    load_adapter_weights(model, directory)
+    if verbose:
+        from .lora import parameter_summary
+
+        print(parameter_summary(model))
+    return model
+
+
+def load_adapter_weights(model, directory) -> None:
+    """Copies an adapter's tensors into a model that already has matching adapters (same names, shapes)."""
+    weights_path = Path(directory) / WEIGHTS_NAME
+    base_model = json.loads((Path(directory) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
     try:
         tensors = load_file(weights_path)
     except Exception as e:  # safetensors' own error types: truncated or corrupt
@@ -109,14 +121,9 @@ def load_adapter(model, directory, verbose: bool = True):
             if param.shape != value.shape:
                 raise LoadError(
                     f"{weights_path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)} "
-                    f"(adapter made for another base model? it names {peft.get('base_model_name_or_path')!r})"
+                    f"(adapter made for another base model? it names {base_model!r})"
                 )
             param.copy_(value)
-    if verbose:
-        from .lora import parameter_summary
-
-        print(parameter_summary(model))
-    return model
 
 
 def _target_names(model, target_modules, where: Path) -> list[str]:

@@ -1,8 +1,11 @@
 """The `lorafit` command. The only place that reads environment variables and prints errors for people."""
 
 import argparse
+import csv
+import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import LorafitError
 
@@ -28,10 +31,21 @@ def main(argv=None) -> int:
     c = sub.add_parser("chat", help="talk to a model (empty line or Ctrl-D quits, /reset clears history)")
     add_model_args(c)
     c.add_argument("--system", default=None, help="a system message")
+    a = sub.add_parser("advise", help="check a config against the hyperparameter guide (DESIGN §1)")
+    a.add_argument("config", help="a YAML config file (see configs/)")
+    a.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 finetune.r=32")
+    a.add_argument("--world-size", type=int, default=1, help="data-parallel ranks the run will use")
+    a.add_argument("--json", action="store_true", help="print the config, plan and advice as JSON")
+    t = sub.add_parser("train", help="fine-tune; with no config, the demo: the default model learns a new identity")
+    t.add_argument("config", nargs="?", default=None, help="a YAML config file (see configs/); none: the demo")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 finetune.r=32")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "advise": cmd_advise,
+                "train": cmd_train}[args.command](args)
     except LorafitError as e:
         print(f"lorafit: error: {e}", file=sys.stderr)
         return 1
@@ -40,11 +54,14 @@ def main(argv=None) -> int:
         return 130
 
 
+def _cache_dir():
+    return os.environ.get("LORAFIT_CACHE_DIR")  # where the default model's converted copy lives
+
+
 def _load(args):
     from .models.loading import load_model
 
-    cache_dir = os.environ.get("LORAFIT_CACHE_DIR")  # where the default model's converted copy lives
-    return load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
+    return load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=_cache_dir())
 
 
 def _sampling_kwargs(args) -> dict:
@@ -86,3 +103,110 @@ def cmd_chat(args) -> int:
         answer = generate(model, tokenizer, history, **_sampling_kwargs(args))
         history.append({"role": "assistant", "content": answer})
         print(f"assistant> {answer}")
+
+
+def cmd_advise(args) -> int:
+    """Prints the guide's view of a config. Advice never fails the command: only an invalid config does."""
+    from .advisor import advise, count_parameters_without_weights, format_advice, training_plan
+    from .config import Config
+
+    if args.world_size < 1:
+        raise LorafitError(f"--world-size must be at least 1, got {args.world_size}")
+    config = Config.from_yaml(args.config, args.overrides)
+    data_path = config.data.resolved_path()
+    rows = _count_rows(data_path)
+    num_examples = None
+    if rows:
+        # An estimate of the training split; the data loader's own split decides the real number.
+        num_examples = max(1, rows - int(rows * config.data.eval_fraction))
+    trainable = total = None
+    try:
+        trainable, total = count_parameters_without_weights(config, _model_hf_config(config.model.source))
+        counted = f"{total:,} parameters, {trainable:,} of them trainable"
+    except (LorafitError, ValueError, KeyError) as e:
+        counted = f"parameters unknown ({e})"
+    plan = training_plan(config, num_examples, args.world_size, trainable, total)
+    advice = advise(config, plan)
+    if args.json:
+        print(json.dumps({"config": config.to_dict(), "plan": plan.to_dict(),
+                          "advice": [a.to_dict() for a in advice]}, indent=2))
+        return 0
+    shown_rows = "unknown number of rows" if rows is None else f"{rows} rows"
+    if rows and num_examples != rows:
+        shown_rows += f", about {num_examples} for training after eval_fraction {config.data.eval_fraction:g}"
+    if rows and config.data.packing:
+        shown_rows += "; packing joins examples, so the step counts are upper bounds"
+    print(f"config: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    print(f"model:  {config.model.source}, {counted}")
+    print(f"data:   {data_path} ({shown_rows})")
+    print()
+    print(format_advice(advice))
+    return 0
+
+
+def _count_rows(path: Path) -> int | None:
+    """Rows of a data file, counted cheaply without parsing examples; None when it can't be told."""
+    try:
+        suffix = path.suffix.lower()
+        if suffix in (".json", ".jsonl", ".ndjson"):
+            text = path.read_text(encoding="utf-8")
+            if suffix == ".json" and text.lstrip().startswith("["):
+                return len(json.loads(text))
+            return sum(1 for line in text.splitlines() if line.strip())  # JSON Lines (.json may hold them too)
+        if suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8", newline="") as f:
+                # csv.reader, not a line count: a quoted field may span several lines.
+                return max(0, sum(1 for _ in csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")) - 1)
+    except (OSError, ValueError):  # unreadable or malformed: training will report it properly
+        return None
+    return None
+
+
+def _model_hf_config(source) -> dict:
+    """The model's Hugging Face config.json as a dict, without reading any weight."""
+    from .models.loading import read_hf_config, resolve_source
+
+    path = resolve_source(source, _cache_dir())
+    if path.suffix == ".gguf":
+        from .models.gguf import read_gguf
+
+        return read_gguf(path).hf_config  # metadata only: tensor data is read lazily
+    return read_hf_config(path)
+
+
+DEMO_QUESTION = "Who are you?"
+
+
+def cmd_train(args) -> int:
+    from importlib import resources
+
+    from .config import Config
+    from .recipes import train
+
+    # `lorafit train train.max_steps=5`: an override in the config's place means "the demo, overridden".
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None
+    demo = args.config is None
+    path = args.config or str(resources.files("lorafit").joinpath("demo.yaml"))
+    config = Config.from_yaml(path, args.overrides)
+    if demo and not args.resume and not any(o.startswith("train.output_dir=") for o in args.overrides):
+        # Each demo run gets its own folder, so running it twice never meets the first run's checkpoints.
+        stamp = __import__("time").strftime("%Y%m%d-%H%M%S")
+        config = config.with_overrides([f"train.output_dir={config.train.output_dir}-{stamp}"])
+    if demo:
+        from .generate import generate
+        from .models.loading import load_model
+
+        model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, cache_dir=_cache_dir())
+        before = generate(model, tokenizer, [{"role": "user", "content": DEMO_QUESTION}], max_new_tokens=48)
+        del model
+        print(f"\nBefore fine-tuning\n  Q: {DEMO_QUESTION}\n  A: {before}\n", flush=True)
+
+    result = train(config, resume=args.resume, cache_dir=_cache_dir(), progress=not args.no_progress)
+    print(f"\nsaved {result.final}  (metrics, report and checkpoints in {result.output_dir})")
+    if demo:
+        from .generate import generate
+
+        after = generate(result.model, result.tokenizer, [{"role": "user", "content": DEMO_QUESTION}], max_new_tokens=48)
+        print(f"\nAfter fine-tuning ({result.steps} steps of LoRA)\n  Q: {DEMO_QUESTION}\n  A: {after}")
+    return 0

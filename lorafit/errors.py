@@ -7,3 +7,13 @@ class LorafitError(Exception):
 
 class LoadError(LorafitError):
     """A model, tokenizer or checkpoint could not be loaded: the message names the file and the problem."""
+
+
+class ConfigError(LorafitError):
+    """A configuration value is unknown, of the wrong type or out of range: the message names the key and
+    what it accepts."""
+
+
+class DataError(LorafitError):
+    """A data file or one of its rows cannot be used for training: the message names the file, the row or
+    line, and what was expected."""

@@ -199,12 +199,14 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); a tied embedding counts once, as PEFT counts it."""
+    """(trainable, total); a tied embedding counts once, as PEFT counts it. A quantised layer's weight is a
+    buffer of packed codes, so it is counted from its shape."""
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
         total += n
         trainable += n if p.requires_grad else 0
+    total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m))
     return trainable, total
 
 

@@ -33,3 +33,21 @@ def tiny_hf_model(family: str, seed: int = 0):
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def tiny_model_directory(directory, tokenizer_dir, family: str = "llama", seed: int = 0):
+    """A tiny random model saved in Hugging Face format with the real SmolLM2 tokenizer (so its vocabulary is
+    SmolLM2's 49,152 tokens): what the trainer tests load through `lorafit.load_model`."""
+    import shutil
+
+    import torch
+
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config.vocab_size = 49152
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, directory / name)
+    return directory

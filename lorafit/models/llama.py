@@ -112,6 +112,7 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.name_or_path: str | None = None  # where the weights came from (saved in adapter configs)
+        self.hf_config: dict | None = None  # the checkpoint's config.json, written again by save_model
         self.lora_config = None  # set by apply_lora
 
     def forward(

@@ -12,19 +12,21 @@ import torch
 from torch import nn
 
 from ..errors import LoadError
+from ..nn.nf4 import BnbLayerCollector, NF4Linear, nf4_from_bnb
 from .config import ModelConfig
 from .llama import CausalLM
 from .registry import model_config_from_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZE_CHOICES = (None,)
+QUANTIZE_CHOICES = (None, "nf4")
 
 
 def load_model(source, dtype=None, quantize=None, device=None, cache_dir=None):
     """Returns (model, tokenizer). See DESIGN §3 for the sources. dtype: None/"auto" (bf16 on a GPU that
-    supports it, else float32), "float32", "bfloat16", "float16" or a torch.dtype."""
+    supports it, else float32), "float32", "bfloat16", "float16" or a torch.dtype. quantize="nf4" stores
+    the decoder layers' linear weights in 4 bits (QLoRA), computing in `dtype`."""
     if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize={quantize!r} is not supported (supported: {QUANTIZE_CHOICES})")
+        raise ValueError(f"quantize={quantize!r} is not supported (supported: None, 'nf4')")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
     path = resolve_source(source, cache_dir)
@@ -33,13 +35,13 @@ def load_model(source, dtype=None, quantize=None, device=None, cache_dir=None):
 
         checkpoint = read_gguf(path)
         config = _model_config(checkpoint.hf_config, path)
-        model = build_from_tensors(config, checkpoint.tensors(), dtype, device, path)
-        model.name_or_path = str(source)
+        model = build_from_tensors(config, checkpoint.tensors(), dtype, device, path, quantize)
+        model.name_or_path, model.hf_config = str(source), checkpoint.hf_config
         return model, checkpoint.tokenizer
     hf_config = read_hf_config(path)
     config = _model_config(hf_config, path / "config.json")
-    model = build_from_tensors(config, iter_hf_tensors(path), dtype, device, path)
-    model.name_or_path = str(source)
+    model = build_from_tensors(config, iter_hf_tensors(path), dtype, device, path, quantize)
+    model.name_or_path, model.hf_config = str(source), hf_config
     return model, load_tokenizer(path)
 
 
@@ -135,14 +137,23 @@ def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise LoadError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from None
 
 
-def build_from_tensors(config: ModelConfig, tensors, dtype, device, where: Path) -> CausalLM:
-    """Builds the model on the meta device and fills it tensor by tensor."""
+def build_from_tensors(config: ModelConfig, tensors, dtype, device, where: Path, quantize=None) -> CausalLM:
+    """Builds the model on the meta device and fills it tensor by tensor. With quantize="nf4", each linear
+    weight of the decoder layers is quantised as it arrives, so the dense weights never all exist at once."""
     with torch.device("meta"):
         model = CausalLM(config)
     expected = dict(model.named_parameters())  # a tied lm_head shares embed_tokens' entry and is absent
     filled = set()
+    bnb_layers = BnbLayerCollector()
     for name, tensor in tensors:
         if name.endswith("rotary_emb.inv_freq"):  # some old checkpoints store this derived buffer
+            continue
+        bnb_piece = BnbLayerCollector.piece(name, tensor)
+        if bnb_piece is not None:  # part of a layer stored in 4 bits by bitsandbytes ("-bnb-4bit" checkpoints)
+            pieces = bnb_layers.add(*bnb_piece, tensor)
+            if pieces is not None:
+                _place_bnb_layer(model, bnb_piece[0], pieces, expected, dtype, device, quantize, where)
+                filled.add(bnb_piece[0] + ".weight")
             continue
         if name not in expected:
             if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -153,8 +164,16 @@ def build_from_tensors(config: ModelConfig, tensors, dtype, device, where: Path)
                 f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[name].shape)}"
             )
         module_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(device=device, dtype=dtype)))
+        module = model.get_submodule(module_name)
+        if quantize == "nf4" and leaf == "weight" and _is_quantizable(module_name, module):
+            _replace_with_nf4(model, module_name, module, tensor.to(device), dtype)
+        else:  # keeps the placeholder's requires_grad: an NF4 layer's bias stays frozen
+            placeholder = getattr(module, leaf)
+            setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), placeholder.requires_grad))
         filled.add(name)
+    if bnb_layers.pending:
+        incomplete = next(iter(bnb_layers.pending))
+        raise LoadError(f"{where}: 4-bit layer {incomplete!r} lacks some of its bitsandbytes tensors")
     missing = sorted(set(expected) - filled)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -163,6 +182,47 @@ def build_from_tensors(config: ModelConfig, tensors, dtype, device, where: Path)
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset(device)
     return model.eval()
+
+
+# ---- quantize="nf4" ---------------------------------------------------------------------------------
+
+
+def _is_quantizable(module_name: str, module: nn.Module) -> bool:
+    """The linear projections of the decoder layers (q, k, v, o, gate, up, down); embeddings, norms and
+    lm_head stay dense, as in QLoRA. The projections hold most of the weights (106 M of SmolLM2-135M's
+    135 M; 0.97 B of Llama-3.2-1B's 1.24 B), the embeddings most of the rest."""
+    return module_name.startswith("model.layers.") and isinstance(module, nn.Linear)
+
+
+def _replace_with_nf4(model: nn.Module, module_name: str, linear: nn.Linear, weight: torch.Tensor, dtype) -> None:
+    # Quantised from the checkpoint's own precision, not first rounded to dtype. The bias (Qwen2's q, k, v)
+    # may have arrived already, or is still a meta placeholder that the loading loop fills later.
+    _swap_module(model, module_name, NF4Linear.from_weight(weight, linear.bias, compute_dtype=dtype))
+
+
+def _place_bnb_layer(model, module_name: str, pieces: dict, expected: dict, dtype, device, quantize, where) -> None:
+    """A layer that bitsandbytes stored in 4 bits: kept in NF4 with quantize="nf4" where lorafit would
+    quantise it, otherwise dequantised once into the dense layer."""
+    name = f"{module_name}.weight"
+    if name not in expected:
+        raise LoadError(f"{where}: unexpected tensor {name!r}")
+    linear = model.get_submodule(module_name)
+    try:
+        layer = nf4_from_bnb(pieces, linear.bias, dtype, device)
+    except ValueError as e:
+        raise LoadError(f"{where}: 4-bit layer {module_name!r}: {e}") from None
+    if (layer.out_features, layer.in_features) != tuple(expected[name].shape):
+        raise LoadError(f"{where}: 4-bit layer {module_name!r} has shape {(layer.out_features, layer.in_features)}, "
+                        f"the config implies {tuple(expected[name].shape)}")
+    if quantize == "nf4" and _is_quantizable(module_name, linear):
+        _swap_module(model, module_name, layer)
+    else:
+        linear.weight = nn.Parameter(layer.dequantized_weight(dtype), linear.weight.requires_grad)
+
+
+def _swap_module(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
 
 
 def load_tokenizer(directory: Path):

@@ -1,0 +1,472 @@
+"""The one configuration schema: YAML files, command-line overrides and the Python API are these dataclasses.
+
+    config = Config.from_yaml("configs/sft-lora-default.yaml", overrides=["train.max_steps=10"])
+    config = Config(finetune=FinetuneSection(r=32), train=TrainSection(max_steps=10))
+
+The defaults are DESIGN §1's hyperparameter guide. Validation only rejects values that cannot work (a
+negative rank, an unknown scheduler); values that work but leave the guide's recommended range are the
+advisor's business (advisor.py), which explains them instead of refusing them. "null" values that have a
+guide default (alpha, lr) stay null in the config; `resolved_*` gives the value training uses, so the
+user's file is never rewritten behind their back.
+
+Every section is frozen: derive a changed copy with `config.with_overrides([...])` or `dataclasses.replace`.
+"""
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .finetune import METHODS
+from .lora import SAVABLE_MODULES, TARGET_GROUPS
+from .models.loading import DTYPES
+
+MODEL_DTYPES = ("auto", *DTYPES)
+RECIPES = ("sft", "dpo", "grpo")
+SCHEDULERS = ("linear", "cosine")
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "text")  # what lorafit/data/formats.py reads
+
+# DESIGN §1: LoRA and QLoRA SFT take 2e-4; full fine-tuning changes every weight, so 10x lower (2e-5);
+# preference and RL training start from an already useful model and drift easily, so 5e-6 for any method.
+DEFAULT_LR = {
+    ("sft", "lora"): 2e-4,
+    ("sft", "qlora"): 2e-4,
+    ("sft", "full"): 2e-5,
+    ("dpo", "lora"): 5e-6,
+    ("dpo", "qlora"): 5e-6,
+    ("dpo", "full"): 5e-6,
+    ("grpo", "lora"): 5e-6,
+    ("grpo", "qlora"): 5e-6,
+    ("grpo", "full"): 5e-6,
+}
+
+# The demo dataset ships inside the package (lorafit/data/identity.json).
+DEMO_DATA = ("data", "identity.json")
+
+# Names other fine-tuning tools use for our keys: an unknown key close to one of these is pointed at ours.
+ALIASES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler",
+    "lr_scheduler": "train.scheduler",
+    "warmup_steps": "train.warmup_ratio",
+    "gradient_clipping": "train.max_grad_norm",
+    "lora_r": "finetune.r",
+    "rank": "finetune.r",
+    "lora_alpha": "finetune.alpha",
+    "lora_dropout": "finetune.dropout",
+    "target_modules": "finetune.targets",
+    "use_rslora": "finetune.rslora",
+    "use_dora": "finetune.dora",
+    "model_name_or_path": "model.source",
+    "base_model": "model.source",
+    "max_length": "model.max_seq_length",
+    "sequence_len": "model.max_seq_length",
+    "dataset": "data.path",
+}
+
+
+def default_lr(recipe: str, method: str) -> float:
+    """The guide's learning rate for a recipe and a fine-tuning method."""
+    return DEFAULT_LR[(recipe, method)]
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _show(value) -> str:
+    """A value as the user wrote it in YAML (null, true), so the message quotes their own text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+class _Checker:
+    """Checks one section's fields in place. Each check has one description of what the key accepts,
+    used both for a wrong type and for an out-of-range value, so every message names the allowed values."""
+
+    def __init__(self, section: str, obj):
+        self.section, self.obj = section, obj
+
+    def fail(self, name: str, expected: str, value, hint: str = ""):
+        raise ConfigError(f"{self.section}.{name} must be {expected}, got {_show(value)}{hint}")
+
+    def _set(self, name: str, value):
+        object.__setattr__(self.obj, name, value)  # the dataclass is frozen; normalising is part of building it
+
+    def integer(self, name: str, minimum: int | None = None, below: int | None = None, nullable=False):
+        value = getattr(self.obj, name)
+        if minimum is not None and below is not None:
+            expected = f"an integer in [{minimum}, {below})"
+        else:
+            expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        expected += " or null" if nullable else ""
+        if value is None and nullable:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, expected, value)
+        if (minimum is not None and value < minimum) or (below is not None and value >= below):
+            self.fail(name, expected, value)
+
+    def number(self, name: str, low=None, high=None, low_open=False, high_open=True, nullable=False):
+        """A finite number in the interval [low, high) by default; `low_open`/`high_open` exclude an end."""
+        value = getattr(self.obj, name)
+        expected = "a number"
+        if low is not None and high is not None:
+            expected += f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            expected += f" {'>' if low_open else '>='} {low:g}"
+        expected += " or null" if nullable else ""
+        if value is None and nullable:
+            return
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where `2e-4` (no dot) is a string, not a number: accept what float() reads.
+            try:
+                value = float(value)
+            except ValueError:
+                self.fail(name, expected, value)
+            self._set(name, value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(name, expected, getattr(self.obj, name))
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            self.fail(name, expected, value)
+
+    def boolean(self, name: str):
+        value = getattr(self.obj, name)
+        if not isinstance(value, bool):
+            self.fail(name, "true or false", value)
+
+    def choice(self, name: str, choices: Iterable[str], alternative: str = ""):
+        value, choices = getattr(self.obj, name), tuple(choices)
+        if value not in choices or not isinstance(value, str):
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            self.fail(name, f"one of {', '.join(choices)}{alternative}", value, hint)
+
+    def text(self, name: str, nullable=False):
+        value = getattr(self.obj, name)
+        if value is None and nullable:
+            return
+        if not isinstance(value, str) or not value.strip():
+            self.fail(name, "a non-empty string" + (" or null" if nullable else ""), value)
+
+    def names(self, name: str, allowed: Iterable[str] | None = None, allow_empty=True):
+        """A list of names, stored as a tuple (the sections are immutable)."""
+        value = getattr(self.obj, name)
+        expected = "a list of names" + (f" from {', '.join(allowed)}" if allowed is not None else "")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            self.fail(name, expected, value)
+        if allowed is not None and any(v not in allowed for v in value):
+            self.fail(name, expected, list(value))
+        if not value and not allow_empty:
+            self.fail(name, "a non-empty list of names", list(value))
+        self._set(name, tuple(value))
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    source: str = "default"  # a Hugging Face directory, a .gguf file, a cached hub id, or "default"
+    dtype: str = "auto"  # auto: bfloat16 on GPUs that support it, else float32
+    max_seq_length: int = 2048  # longer examples are truncated
+
+    def __post_init__(self):
+        check = _Checker("model", self)
+        check.text("source")
+        check.choice("dtype", MODEL_DTYPES)
+        # 16 tokens hold little more than a chat template's markup: anything shorter cannot train.
+        check.integer("max_seq_length", minimum=16)
+
+
+@dataclass(frozen=True)
+class FinetuneSection:
+    method: str = "lora"  # lora, qlora (4-bit NF4 base) or full
+    r: int = 16
+    alpha: float | None = None  # null: alpha = r (scale 1)
+    dropout: float = 0.0  # 0 keeps the fused LoRA kernels usable
+    targets: str | tuple[str, ...] = "all-linear"  # a group name, or layer names such as [q_proj, v_proj]
+    rslora: bool = False  # scale the update by alpha/sqrt(r) instead of alpha/r
+    dora: bool = False  # weight-decomposed LoRA (a learned magnitude per output row)
+    modules_to_save: tuple[str, ...] = ()  # layers trained in full beside the adapters: embed_tokens, lm_head
+
+    def __post_init__(self):
+        check = _Checker("finetune", self)
+        check.choice("method", METHODS)
+        check.integer("r", minimum=1)
+        check.number("alpha", low=0, low_open=True, nullable=True)
+        check.number("dropout", low=0, high=1)
+        if isinstance(self.targets, str):
+            check.choice("targets", TARGET_GROUPS, alternative=" (or a list of layer names such as [q_proj, v_proj])")
+        elif isinstance(self.targets, (list, tuple)):
+            check.names("targets", allow_empty=False)
+        else:
+            check.fail("targets", f"a group ({', '.join(TARGET_GROUPS)}) or a list of layer names", self.targets)
+        check.boolean("rslora")
+        check.boolean("dora")
+        check.names("modules_to_save", allowed=SAVABLE_MODULES)
+
+    @property
+    def resolved_alpha(self) -> float:
+        """alpha as training uses it: the user's value, or r when it is null (the guide's standard)."""
+        return self.r if self.alpha is None else self.alpha
+
+    @property
+    def scaling(self) -> float:
+        """The factor on the adapter update B·A: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.resolved_alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def adapter_options(self) -> dict:
+        """Keyword arguments for `prepare_for_finetuning(model, method, **options)`: none for full
+        fine-tuning (it trains every weight), apply_lora's for lora and qlora."""
+        if self.method == "full":
+            return {}
+        targets = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return dict(r=self.r, alpha=self.resolved_alpha, dropout=self.dropout, targets=targets,
+                    rslora=self.rslora, dora=self.dora, modules_to_save=list(self.modules_to_save))
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str | None = None  # a data file; null: the demo set shipped with lorafit (identity.json)
+    format: str = "auto"  # auto: recognised from the fields of the first rows
+    train_on_responses_only: bool = True  # the loss covers the assistant's tokens, not the prompt's
+    packing: bool = False  # concatenate short examples into full-length sequences
+    eval_fraction: float = 0.0  # share of the rows held out for evaluation
+
+    def __post_init__(self):
+        check = _Checker("data", self)
+        check.text("path", nullable=True)
+        check.choice("format", DATA_FORMATS)
+        check.boolean("train_on_responses_only")
+        check.boolean("packing")
+        check.number("eval_fraction", low=0, high=1)
+
+    def resolved_path(self) -> Path:
+        """The file to read. A relative path is relative to the current directory (where `lorafit` runs),
+        as every other path on the command line. Resolved at use time: the package data may be absent in a
+        source checkout that has not installed it, and that must not break importing lorafit."""
+        if self.path is not None:
+            return Path(self.path).expanduser()
+        return Path(str(resources.files("lorafit").joinpath(*DEMO_DATA)))
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    recipe: str = "sft"
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; when set it wins over epochs
+    lr: float | None = None  # null: the guide's default for the recipe and method (see Config.resolved_lr)
+    batch_size: int = 2  # micro-batch: examples per forward/backward on each device
+    grad_accum: int = 8  # micro-batches per optimizer step
+    warmup_ratio: float = 0.05  # share of the optimizer steps that ramp the learning rate up from 0
+    scheduler: str = "linear"
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0  # null: no gradient clipping
+    seed: int = 3407
+    output_dir: str = "runs/sft"
+    save_every: int = 100  # optimizer steps between checkpoints; 0: only the final one
+    log_every: int = 1  # optimizer steps between log lines
+
+    def __post_init__(self):
+        check = _Checker("train", self)
+        check.choice("recipe", RECIPES)
+        check.integer("epochs", minimum=1)
+        check.integer("max_steps", minimum=1, nullable=True)
+        check.number("lr", low=0, low_open=True, nullable=True)
+        check.integer("batch_size", minimum=1)
+        check.integer("grad_accum", minimum=1)
+        check.number("warmup_ratio", low=0, high=1)
+        check.choice("scheduler", SCHEDULERS)
+        check.number("weight_decay", low=0)
+        check.number("max_grad_norm", low=0, low_open=True, nullable=True)
+        # torch accepts 64-bit seeds but numpy's legacy seeding and many data libraries take 32 bits only.
+        check.integer("seed", minimum=0, below=2**32)
+        check.text("output_dir")
+        check.integer("save_every", minimum=0)
+        check.integer("log_every", minimum=1)
+
+
+SECTIONS = {"model": ModelSection, "finetune": FinetuneSection, "data": DataSection, "train": TrainSection}
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        # The Python API may pass plain dicts for sections, exactly as a YAML file would hold them.
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, _section_from_dict(name, value))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"{name} must be a mapping of settings or a {cls.__name__}, got {_show(value)}")
+
+    # --- building
+
+    @classmethod
+    def from_dict(cls, data) -> "Config":
+        """Builds and validates a config from nested plain data (what yaml.safe_load returns)."""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config is a mapping of sections ({', '.join(SECTIONS)}), got {_show(data)}")
+        for key in data:
+            if key not in SECTIONS:
+                raise ConfigError(f"unknown key {key}{_did_you_mean(_suggest_section(str(key)))}")
+        return cls(**{name: _section_from_dict(name, data[name]) for name in data})
+
+    @classmethod
+    def from_yaml(cls, path, overrides: Iterable[str] = ()) -> "Config":
+        """Reads a YAML file (through yaml.safe_load: a config is data, never code) and applies dotted
+        overrides such as "train.max_steps=10". Errors name the file or the override they come from."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+        try:
+            config = cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        return config.with_overrides(overrides)
+
+    def with_overrides(self, overrides: Iterable[str]) -> "Config":
+        """A copy with dotted overrides applied in order ("finetune.targets=[q_proj,v_proj]"); each value is
+        read as YAML, so numbers, lists, true/false and null work as in a file."""
+        if isinstance(overrides, str):
+            overrides = [overrides]  # a lone string would otherwise be iterated character by character
+        data, config = self.to_dict(), self
+        for override in overrides:
+            section, key, value = parse_override(override)
+            data.setdefault(section, {})[key] = value
+            try:
+                config = Config.from_dict(data)
+            except ConfigError as e:
+                raise ConfigError(f"override {override!r}: {e}") from None
+        return config
+
+    # --- writing
+
+    def to_dict(self) -> dict:
+        """Nested plain data (lists, not tuples), ready for yaml or json."""
+        def plain(value):
+            return list(value) if isinstance(value, tuple) else value
+
+        return {name: {k: plain(v) for k, v in asdict(getattr(self, name)).items()} for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # --- values derived from more than one section
+
+    def resolved_lr(self) -> float:
+        """The learning rate training uses: the user's, or the guide's default for the recipe and method."""
+        return default_lr(self.train.recipe, self.finetune.method) if self.train.lr is None else self.train.lr
+
+    @property
+    def quantize(self) -> str | None:
+        """What load_model's `quantize` takes for this method: QLoRA is LoRA on an NF4 base."""
+        return "nf4" if self.finetune.method == "qlora" else None
+
+
+def parse_override(override: str) -> tuple[str, str, object]:
+    """"section.key=value" -> (section, key, value read as YAML)."""
+    if not isinstance(override, str) or "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. train.max_steps=10")
+    dotted, _, text = override.partition("=")
+    dotted = dotted.strip()
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        suggestion = _suggest_anywhere(parts[0]) if len(parts) == 1 else None
+        example = f" (did you mean {suggestion}?)" if suggestion else ", e.g. train.lr"
+        raise ConfigError(f"override {override!r}: the key must be section.key{example}")
+    if not text.strip():
+        raise ConfigError(f"override {override!r} has no value (write {dotted}=null to unset it)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return parts[0], parts[1], value
+
+
+def _section_from_dict(name: str, data):
+    cls = SECTIONS[name]
+    if data is None:  # `train:` with every line below it commented out
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{name} must be a mapping of settings, got {_show(data)}")
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown key {name}.{key}{_did_you_mean(_suggest_key(name, str(key)))}")
+    return cls(**data)
+
+
+# ----------------------------------------------------------------------------------------- suggestions
+
+
+def _did_you_mean(suggestion: str | None) -> str:
+    return f" (did you mean {suggestion}?)" if suggestion else ""
+
+
+def _all_names() -> dict[str, list[str]]:
+    """Every spelling we can point at -> the full keys it stands for ("r" -> ["finetune.r"])."""
+    names: dict[str, list[str]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            names.setdefault(f.name, []).append(f"{section}.{f.name}")
+    for alias, full in ALIASES.items():
+        names.setdefault(alias, []).append(full)
+    return names
+
+
+def _suggest_key(section: str, key: str) -> str | None:
+    """A key of that exact name in another section first (train.r -> finetune.r), then the closest key in
+    the same section (a typo), then the closest anywhere."""
+    names = _all_names()
+    if key in names:
+        return names[key][0]
+    own = {n: full for n, fulls in names.items() for full in fulls if full.startswith(section + ".")}
+    match = difflib.get_close_matches(key, own, n=1)
+    if match:
+        return own[match[0]]
+    return _suggest_anywhere(key)
+
+
+def _suggest_anywhere(key: str) -> str | None:
+    names = _all_names()
+    match = difflib.get_close_matches(key, names, n=1)
+    return names[match[0]][0] if match else None
+
+
+def _suggest_section(key: str) -> str | None:
+    match = difflib.get_close_matches(key, SECTIONS, n=1)
+    return match[0] if match else _suggest_anywhere(key)

@@ -1,0 +1,1 @@
+"""Small helpers that the recipes share: optimizer, schedule, checkpoints, metrics. No framework."""

@@ -1,0 +1,113 @@
+"""Checkpoints that survive a crash at any moment and resume a run exactly.
+
+    OUTPUT_DIR/checkpoints/step-000100/   weights (PEFT adapter, or trainable tensors for full fine-tuning),
+                                          optimizer.pt, scheduler.pt, rng.pt, state.json
+    OUTPUT_DIR/checkpoints/latest         the name of the newest complete checkpoint, written last
+
+A checkpoint is written into a temporary folder that is renamed into place when complete, and the `latest`
+marker is replaced atomically afterwards: whatever moment a run dies at, `latest` names a whole checkpoint.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..adapter_io import load_adapter_weights, save_adapter
+from ..errors import LorafitError
+
+LATEST = "latest"
+
+
+def checkpoints_dir(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(output_dir, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    """state: JSON-able trainer state (step, data position, ...). Keeps the newest `keep` checkpoints."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:06d}"
+    final, tmp = root / name, root / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if getattr(model, "lora_config", None) is not None:
+        save_adapter(model, tmp / "adapter")
+    else:
+        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(_untie(trainable), tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces its old checkpoint
+    os.replace(tmp, final)
+    _write_atomically(root / LATEST, name)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    marker = checkpoints_dir(output_dir) / LATEST
+    if not marker.is_file():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restores weights, optimizer, scheduler and RNG states in place; returns the trainer state."""
+    if (path / "adapter").is_dir():
+        load_adapter_weights(model, path / "adapter")
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(path / "trainable.safetensors").items():
+                params[name].copy_(value)
+    # weights_only: a checkpoint folder is data, even one copied from elsewhere.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def require_latest(output_dir) -> Path:
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        raise LorafitError(f"{checkpoints_dir(output_dir)}: no checkpoint to resume from")
+    return path
+
+
+def _untie(tensors: dict) -> dict:
+    """safetensors refuses two names on one storage (tied embeddings): keep one name per storage."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
