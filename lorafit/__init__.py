@@ -10,6 +10,8 @@ from .models.config import ModelConfig
 from .models.llama import CausalLM
 from .lora import LoRALinear, apply_lora, merge_lora
 from .models.loading import load_model
+from .models.saving import save_model
+from .recipes import train
 
 __version__ = "0.1.0"
 
@@ -30,5 +32,7 @@ __all__ = [
     "merge_lora",
     "prepare_for_finetuning",
     "save_adapter",
+    "save_model",
+    "train",
     "training_plan",
 ]

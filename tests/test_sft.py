@@ -11,7 +11,7 @@ import torch
 
 from lorafit import Config
 from lorafit.recipes.sft import run_sft
-from lorafit.train.metrics import read_metrics
+from lorafit.training.metrics import read_metrics
 from tiny_models import tiny_model_directory
 
 

@@ -21,11 +21,11 @@ from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
 from ..lora import count_parameters
 from ..models.loading import load_model
-from ..train.checkpoint import load_checkpoint, require_latest, save_checkpoint
-from ..train.metrics import MetricsLog
-from ..train.optim import build_optimizer
-from ..train.report import write_report
-from ..train.schedule import build_scheduler
+from ..training.checkpoint import load_checkpoint, require_latest, save_checkpoint
+from ..training.metrics import MetricsLog
+from ..training.optim import build_optimizer
+from ..training.report import write_report
+from ..training.schedule import build_scheduler
 
 # A few non-finite steps can be a bad batch; this many in a row means the run has diverged.
 MAX_NONFINITE_IN_A_ROW = 5
@@ -59,11 +59,11 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     prepare_for_finetuning(model, config.finetune.method, verbose=False, **config.finetune.adapter_options())
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Trainable weights stay in float32 (updates of 2e-4 x a weight vanish in bf16's 8-bit mantissa); the
-    # frozen base keeps its dtype, and autocast runs the matmuls in it.
-    for p in trainable:
-        p.data = p.data.float()
+    # frozen base keeps the loaded dtype, and autocast runs the matmuls in it (for full fine-tuning too).
     base_dtype = model.model.embed_tokens.weight.dtype
     device = model.model.embed_tokens.weight.device
+    for p in trainable:
+        p.data = p.data.float()
     autocast = torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32 else contextlib.nullcontext()
 
     data = load_sft_dataset(config.data.resolved_path(), tokenizer, config.model.max_seq_length,
