@@ -85,9 +85,14 @@ class LoRALinear(nn.Module):
         delta = self.lora_B.weight @ self.lora_A.weight  # (out, in)
         return torch.linalg.norm(weight + self.scaling * delta.detach().to(weight.dtype), dim=1).detach()
 
-    def merged_weight(self) -> torch.Tensor:
-        """The dense weight that makes base_layer alone compute what this layer computes (no dropout)."""
+    def merged_weight(self, original: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight that makes base_layer alone compute what this layer computes (no dropout).
+        `original`: the base weight to merge into instead of the layer's own (the 16-bit one of a QLoRA base)."""
         weight = base_weight(self.base_layer)
+        if original is not None:
+            if original.shape != weight.shape:
+                raise ValueError(f"original weight has shape {tuple(original.shape)}, the layer {tuple(weight.shape)}")
+            weight = original.to(device=weight.device, dtype=weight.dtype)
         merged = weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight).to(weight.dtype)
         if self.lora_magnitude_vector is not None:
             merged = merged * (self.lora_magnitude_vector / self.row_norm(weight)).to(weight.dtype)[:, None]
@@ -216,14 +221,21 @@ def parameter_summary(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its base layer and removes the wrappers. NF4 bases become dense layers in
-    their compute dtype (merging into 4-bit codes would add a second rounding)."""
+def merge_lora(model: nn.Module, base_weights=None) -> nn.Module:
+    """Folds every adapter into its base layer and removes the wrappers.
+
+    A QLoRA (NF4) base becomes a dense layer in its compute dtype. Merging into the dequantised 4-bit weight
+    keeps the 4-bit rounding error in the merged model; `base_weights`, a mapping from weight name
+    ("model.layers.0.self_attn.q_proj.weight") to the original 16/32-bit tensor (`read_base_weights` reads
+    them from the checkpoint), merges into the originals instead.
+    """
     for name, m in list(model.named_modules()):
         if not isinstance(m, LoRALinear):
             continue
+        original = None if base_weights is None else base_weights.get(f"{name}.weight")
+        weight = m.merged_weight(original)
         merged = nn.Linear(m.in_features, m.out_features, bias=m.base_layer.bias is not None, device="meta")
-        merged.weight = nn.Parameter(m.merged_weight().detach().clone(), requires_grad=False)
+        merged.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if m.base_layer.bias is not None:
             merged.bias = nn.Parameter(m.base_layer.bias.detach().clone(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")

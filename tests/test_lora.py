@@ -83,12 +83,13 @@ def test_trainable_parameter_counts_equal_peft(targets, peft_targets, variant):
     assert count_parameters(ours) == tuple(theirs.get_nb_trainable_parameters())
 
 
-def test_real_smollm2_round_trip_both_ways(smollm2_dir, tmp_path):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_real_smollm2_round_trip_both_ways(smollm2_dir, variant, tmp_path):
     import transformers
 
     ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
     ours, _ = lorafit.load_model(smollm2_dir, dtype="float32", device="cpu")
-    lorafit.apply_lora(ours, r=8, alpha=16, rslora=True, verbose=False)
+    lorafit.apply_lora(ours, r=4, alpha=8, verbose=False, **VARIANTS[variant])
     randomize_adapters(ours)
     lorafit.save_adapter(ours, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(smollm2_dir)
@@ -98,7 +99,7 @@ def test_real_smollm2_round_trip_both_ways(smollm2_dir, tmp_path):
         assert (ours(ids).logits - theirs(ids).logits).abs().max() <= 1e-4  # 30 layers of fp32 rounding
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    theirs = peft.get_peft_model(hf, peft_config("dora")).eval()
+    theirs = peft.get_peft_model(hf, peft_config(variant)).eval()
     theirs.save_pretrained(tmp_path / "peft")
     ours, _ = lorafit.load_model(smollm2_dir, dtype="float32", device="cpu")
     lorafit.load_adapter(ours, tmp_path / "peft", verbose=False)

@@ -45,6 +45,23 @@ def load_model(source, dtype=None, quantize=None, device=None, cache_dir=None):
     return model, load_tokenizer(path)
 
 
+def read_base_weights(source, names, cache_dir=None) -> dict[str, torch.Tensor]:
+    """The checkpoint's own tensors `names` (e.g. the 16-bit weights under a QLoRA model, for merging)."""
+    path = resolve_source(source, cache_dir)
+    if path.suffix == ".gguf":
+        from .gguf import read_gguf
+
+        tensors = read_gguf(path).tensors()
+    else:
+        tensors = iter_hf_tensors(path)
+    wanted = set(names)
+    found = {name: t for name, t in tensors if name in wanted}
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise LoadError(f"{path}: checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return found
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
