@@ -68,9 +68,13 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return y
         dropped = self.lora_dropout(x)
-        update = self.lora_B(self.lora_A(dropped)) * self.scaling  # (..., out)
+        a = self.lora_A(dropped)  # (..., r)
         if self.lora_magnitude_vector is None:
-            return y + update
+            # y + scaling·B(a) as one addmm, with the scaling on B's (out, r) weight rather than on the
+            # (tokens, out) product: one kernel instead of three, and ~30x fewer multiplications at r = 16.
+            scaled_b = (self.lora_B.weight * self.scaling).t()  # (r, out)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), scaled_b).view(y.shape)
+        update = self.lora_B(a) * self.scaling  # (..., out)
         weight = base_weight(self.base_layer).to(x.dtype)
         row_scale = (self.lora_magnitude_vector / self.row_norm(weight)).to(x.dtype)  # (out,)
         # Without dropout x == dropped and the base output is reused: W x = y - bias.

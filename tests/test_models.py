@@ -105,3 +105,11 @@ def test_dtype_auto_is_float32_on_cpu():
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="supported"):
         resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_loss_without_label_tokens_is_a_differentiable_zero():
+    ours = native_copy(tiny_hf_model("llama"))
+    ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(6))
+    loss = ours(ids, labels=torch.full_like(ids, -100)).loss
+    loss.backward()  # the accumulation loop weights it by 0 label tokens; it must not be NaN
+    assert loss.item() == 0.0 and loss.requires_grad

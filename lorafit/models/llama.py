@@ -128,9 +128,9 @@ class CausalLM(nn.Module):
 
         attention_mask: None, a (B, S) 0/1 padding mask over cached + new tokens, or a ready boolean
         (B, 1, T, S) mask (True = may attend). position_ids: (B, T); by default counted from the padding
-        mask, or from the cache length. With labels, returns the mean cross-entropy over the label tokens
-        that are not -100 after the shift (token t predicts label t + 1); otherwise the logits, of the last
-        position only when `last_logits_only` (generation needs no more).
+        mask, or from the cache length. With labels, returns only the loss: the mean cross-entropy over the
+        label tokens that are not -100 after the shift (token t predicts label t + 1); otherwise the logits,
+        of the last position only when `last_logits_only` (generation needs no more).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -157,10 +157,14 @@ class CausalLM(nn.Module):
             if last_logits_only:
                 x = x[:, -1:]
             return CausalLMOutput(logits=self.lm_head(x))  # (B, T, V)
-        logits = self.lm_head(x).float()
-        shifted = labels[:, 1:].reshape(-1)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
+        # Only positions that predict a label reach the output layer: with prompts masked (the SFT default)
+        # that skips most of the (tokens x vocabulary) logits, about a quarter of a small model's compute.
+        targets = labels[:, 1:]  # token t predicts label t + 1
+        keep = targets != -100  # (B, T-1)
+        logits = self.lm_head(x[:, :-1][keep]).float()  # (N, V), N = label tokens
+        if logits.shape[0] == 0:  # nothing to learn here: a zero that still connects to the graph
+            return CausalLMOutput(loss=logits.sum())
+        return CausalLMOutput(loss=F.cross_entropy(logits, targets[keep]))
 
 
 def default_position_ids(attention_mask, B, T, past, device) -> torch.Tensor:
