@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import LorafitError
@@ -191,7 +192,7 @@ def cmd_train(args) -> int:
     config = Config.from_yaml(path, args.overrides)
     if demo and not args.resume and not any(o.startswith("train.output_dir=") for o in args.overrides):
         # Each demo run gets its own folder, so running it twice never meets the first run's checkpoints.
-        stamp = __import__("time").strftime("%Y%m%d-%H%M%S")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
         config = config.with_overrides([f"train.output_dir={config.train.output_dir}-{stamp}"])
     if demo:
         from .generate import generate

@@ -67,21 +67,25 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
-        dropped = self.lora_dropout(x)
+        # Adapters train in float32 over a bf16 base: outside autocast the input meets them in their dtype
+        # and the update returns in the base's. (Under autocast both are already the autocast dtype.)
+        dropped = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         a = self.lora_A(dropped)  # (..., r)
         if self.lora_magnitude_vector is None:
-            # y + scaling·B(a) as one addmm, with the scaling on B's (out, r) weight rather than on the
-            # (tokens, out) product: one kernel instead of three, and ~30x fewer multiplications at r = 16.
-            scaled_b = (self.lora_B.weight * self.scaling).t()  # (r, out)
-            return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), scaled_b).view(y.shape)
-        update = self.lora_B(a) * self.scaling  # (..., out)
-        weight = base_weight(self.base_layer).to(x.dtype)
-        row_scale = (self.lora_magnitude_vector / self.row_norm(weight)).to(x.dtype)  # (out,)
+            if a.dtype == y.dtype:
+                # y + scaling·B(a) as one addmm, with the scaling on B's (out, r) weight rather than on the
+                # (tokens, out) product: one kernel instead of three, ~30x fewer multiplications at r = 16.
+                scaled_b = (self.lora_B.weight * self.scaling).t().to(a.dtype)  # (r, out)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), scaled_b).view(y.shape)
+            return y + (self.lora_B(a) * self.scaling).to(y.dtype)
+        update = (self.lora_B(a) * self.scaling).to(y.dtype)  # (..., out)
+        weight = base_weight(self.base_layer).to(y.dtype)
+        row_scale = (self.lora_magnitude_vector / self.row_norm(weight)).to(y.dtype)  # (out,)
         # Without dropout x == dropped and the base output is reused: W x = y - bias.
         if isinstance(self.lora_dropout, nn.Identity):
             base_out = y if self.base_layer.bias is None else y - self.base_layer.bias
         else:
-            base_out = F.linear(dropped, weight)
+            base_out = F.linear(dropped.to(y.dtype), weight)
         return y + (row_scale - 1) * base_out + row_scale * update
 
     def row_norm(self, weight: torch.Tensor) -> torch.Tensor:

@@ -187,3 +187,17 @@ def test_adapter_for_another_model_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(lorafit.LoadError, match="peft_type 'IA3' is not supported"):
         lorafit.load_adapter(native_copy(tiny_hf_model("llama")), tmp_path, verbose=False)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float32_adapters_on_a_bfloat16_base_run_without_autocast(variant):
+    """After training, adapters are float32 over a bf16 base; generation runs without autocast."""
+    model = native_copy(tiny_hf_model("llama")).to(torch.bfloat16)
+    lorafit.apply_lora(model, r=4, verbose=False, **VARIANTS[variant])
+    randomize_adapters(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    with torch.no_grad():
+        logits = model(IDS).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

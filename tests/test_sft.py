@@ -128,3 +128,16 @@ def test_demo_teaches_the_default_model_its_new_identity(tmp_path):
     after = run_.stdout.split("After fine-tuning", 1)[1]
     assert "Lora" not in before
     assert "Lora" in after and "lorafit developers" in after
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_dir, tmp_path):
+    """lr 1e30 turns the adapter into inf/NaN after the first update: later steps are skipped, logged, and
+    five in a row stop the run with a message that names the learning rate."""
+    logged = []
+    config = config_for(tiny_dir, tmp_path / "nan", "train.max_steps=20", "train.lr=1.0e+30", "train.warmup_ratio=0")
+    with pytest.raises(Exception, match="5 non-finite steps in a row: the run diverged; lower train.lr"):
+        run_sft(config, log=logged.append, progress=False)
+    skipped = [m for m in logged if "non-finite loss or gradient" in str(m)]
+    assert len(skipped) == 5
+    rows = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert 1 <= len(rows) <= 20 and all(r["step"] == i + 1 for i, r in enumerate(rows))
