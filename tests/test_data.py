@@ -299,12 +299,14 @@ def test_packed_rows_compute_each_document_as_if_alone():
     assert batch["attention_mask"].shape == (len(rows), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
     assert batch["num_label_tokens"] == sum(d.num_label_tokens() for d in docs)
     with torch.no_grad():
-        packed = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"])
+        inputs = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+        packed = model(batch["input_ids"], **inputs)  # logits (a call with labels returns only the loss)
+        packed.loss = model(batch["input_ids"], labels=batch["labels"], **inputs).loss
         total, at = 0.0, [0] * len(rows)
         for b, row in enumerate(rows):
             for doc in row:
-                alone = model(doc.input_ids[None].long(), labels=doc.labels[None].long())
+                alone = model(doc.input_ids[None].long())
+                alone.loss = model(doc.input_ids[None].long(), labels=doc.labels[None].long()).loss
                 n = len(doc)
                 assert (packed.logits[b, at[b] : at[b] + n] - alone.logits[0]).abs().max() <= 1e-5
                 assert batch["position_ids"][b, at[b]] == 0 and batch["labels"][b, at[b]] == IGNORE
