@@ -5,7 +5,8 @@
 Same model (the default SmolLM2-135M-Instruct, float32), same data (the shipped identity set, chat
 template, loss on the assistant's tokens only), same sequence length (256), micro-batch 2 x accumulation 4,
 LoRA r=16 alpha=32 on all linear layers, AdamW lr 2e-4, no gradient checkpointing, no packing. Each tool
-runs --steps optimizer steps; the first is left out of the timing (warm-up). tokens/s counts real
+runs --steps optimizer steps, --repeats times, alternating with the other; the median step time counts
+and each run's first step is left out (warm-up). tokens/s counts real
 (non-padding) tokens: both tools see the same examples per step, so the dataset's mean tokens per example
 times examples per second is compared. Needs `pip install trl`; appends to benchmarks/results.jsonl.
 """
@@ -87,18 +88,26 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each tool")
     p.add_argument("--data", default=str(demo_dataset_path()))
     args = p.parse_args()
     model_dir = default_model_directory()
     per_example = mean_tokens_per_example(model_dir, args.data)
     examples_per_step = BATCH * ACCUM
-    rows = []
+    systems = (("lorafit", lorafit_step_times), ("transformers+peft+trl", trl_step_times))
+    intervals = {name: [] for name, _ in systems}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in (("lorafit", lorafit_step_times), ("transformers+peft+trl", trl_step_times)):
-            ends = fn(model_dir, args.data, args.steps, Path(tmp) / name)
-            step_seconds = statistics.median(b - a for a, b in zip(ends, ends[1:]))  # first step = warm-up
-            rows.append({"system": name, "s_per_step": round(step_seconds, 3),
-                         "tokens_per_s": round(examples_per_step * per_example / step_seconds, 1)})
+        # Runs alternate (A B A B ...) so that a slow spell of the shared machine (seen: +-20% between
+        # consecutive runs) hits both tools alike; each tool's first step is its warm-up and is left out.
+        for repeat in range(args.repeats):
+            for name, fn in systems:
+                ends = fn(model_dir, args.data, args.steps, Path(tmp) / f"{name}-{repeat}")
+                intervals[name] += [b - a for a, b in zip(ends, ends[1:])]
+    rows = []
+    for name, _ in systems:
+        step_seconds = statistics.median(intervals[name])
+        rows.append({"system": name, "s_per_step": round(step_seconds, 3),
+                     "tokens_per_s": round(examples_per_step * per_example / step_seconds, 1)})
     ratio = round(rows[1]["s_per_step"] / rows[0]["s_per_step"], 2)
     print(f"{'system':<24} {'s/step':>8} {'tokens/s':>9}")
     for r in rows:
@@ -107,7 +116,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from _record import record
 
-    record("sft_cpu", rows, ratio=ratio, steps=args.steps, seq=SEQ, batch=BATCH, accum=ACCUM, lora_r=R,
+    record("sft_cpu", rows, ratio=ratio, steps=args.steps, repeats=args.repeats, seq=SEQ, batch=BATCH, accum=ACCUM, lora_r=R,
            tokens_per_example=round(per_example, 1))
 
 

@@ -113,3 +113,20 @@ def test_loss_without_label_tokens_is_a_differentiable_zero():
     loss = ours(ids, labels=torch.full_like(ids, -100)).loss
     loss.backward()  # the accumulation loop weights it by 0 label tokens; it must not be NaN
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_right_padded_batch_matches_unpadded_rows():
+    """Training batches are right-padded and take the mask-free causal path: real tokens must not change."""
+    hf = tiny_hf_model("qwen3")
+    ours = native_copy(hf)
+    g = torch.Generator().manual_seed(7)
+    long, short = torch.randint(0, 101, (1, 20), generator=g), torch.randint(0, 101, (1, 13), generator=g)
+    batch = torch.cat([long, torch.cat([short, torch.zeros(1, 7, dtype=torch.long)], 1)])
+    padding = torch.ones(2, 20, dtype=torch.long)
+    padding[1, 13:] = 0
+    with torch.no_grad():
+        both = ours(batch, attention_mask=padding).logits
+        alone = ours(short).logits
+        hf_both = hf(batch, attention_mask=padding).logits
+    assert (both[1, :13] - alone[0]).abs().max() <= 1e-4
+    assert (both[0] - hf_both[0]).abs().max() <= 1e-4 and (both[1, :13] - hf_both[1, :13]).abs().max() <= 1e-4

@@ -1,6 +1,7 @@
 """The SFT recipe end to end: loss normalisation over accumulation, exact resume, golden losses, outputs."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -141,3 +142,16 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_dir, tmp_path):
     assert len(skipped) == 5
     rows = read_metrics(tmp_path / "nan" / "metrics.jsonl")
     assert 1 <= len(rows) <= 20 and all(r["step"] == i + 1 for i, r in enumerate(rows))
+
+
+@pytest.mark.parametrize("name", ["sft-lora-default", "sft-qlora", "sft-full"])
+def test_example_configs_run_in_tiny_form(name, tiny_dir, tmp_path):
+    """Each shipped config trains: on the tiny model, for two steps, otherwise as written."""
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    config = Config.from_yaml(path, [f"model.source={tiny_dir}", "model.max_seq_length=128", "train.max_steps=2",
+                                     f"train.output_dir={tmp_path / name}", "data.path=null"])
+    result = run(config)
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    assert result.final.name == ("model" if config.finetune.method == "full" else "adapter")

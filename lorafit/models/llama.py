@@ -142,8 +142,12 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, B, T, past, input_ids.device)
         mask = None
-        if attention_mask is not None:
-            mask = attention_mask if attention_mask.dim() == 4 else padding_causal_mask(attention_mask, T)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
+        elif attention_mask is not None and not (cache is None and is_right_padded(attention_mask)):
+            mask = padding_causal_mask(attention_mask, T)
+        # A right-padded batch without a cache needs no mask: padding comes after every real token, so
+        # causality alone keeps real tokens from seeing it, and SDPA takes its faster is_causal path.
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, 1, T, D)
@@ -173,6 +177,11 @@ def default_position_ids(attention_mask, B, T, past, device) -> torch.Tensor:
         return torch.arange(past, past + T, device=device).expand(B, T)
     positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
     return positions[:, -T:].clamp(min=0)
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """(B, S) 0/1 mask: every row is real tokens followed by padding only."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def padding_causal_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
