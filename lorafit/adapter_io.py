@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import LoadError
-from .lora import LoRALinear, apply_lora, linear_layer_names
+from .lora import LoRALinear, apply_lora, linear_layer_names, remove_lora
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -89,11 +89,15 @@ def load_adapter(model, directory, verbose: bool = True):
         raise LoadError(f"{config_path}: bias {peft['bias']!r} is not supported (supported: 'none')")
 
     targets = _target_names(model, peft.get("target_modules"), config_path)
+    trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
     apply_lora(model, r=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout", 0.0),
                targets=targets, rslora=peft.get("use_rslora", False), dora=peft.get("use_dora", False),
                modules_to_save=tuple(peft.get("modules_to_save") or ()), verbose=False)
-
-    load_adapter_weights(model, directory)
+    try:
+        load_adapter_weights(model, directory)
+    except LoadError:
+        remove_lora(model, trainable_before)  # a refused adapter leaves the model as it was
+        raise
     if verbose:
         from .lora import parameter_summary
 

@@ -205,6 +205,20 @@ def apply_lora(
     return model
 
 
+def remove_lora(model: nn.Module, requires_grad: dict[str, bool] | None = None) -> nn.Module:
+    """Unwraps every LoRALinear back to its base layer, dropping the adapters (the opposite of apply_lora).
+    requires_grad: the per-parameter flags to restore (apply_lora froze everything)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, m.base_layer)
+    for name, p in model.named_parameters():
+        if requires_grad is not None and name in requires_grad:
+            p.requires_grad_(requires_grad[name])
+    model.lora_config = None
+    return model
+
+
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     for m in model.modules():
         if isinstance(m, LoRALinear):

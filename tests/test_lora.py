@@ -187,8 +187,15 @@ def test_adapter_for_another_model_is_refused(tmp_path):
     small = lorafit.apply_lora(native_copy(tiny_hf_model("llama")), r=4, verbose=False)
     lorafit.save_adapter(small, tmp_path)
     other = native_copy(tiny_hf_model("llama-untied-headdim32"))  # head_dim 32 there, 24 here
+    with torch.no_grad():
+        before = other(IDS).logits
     with pytest.raises(lorafit.LoadError, match="k_proj.lora_B.weight has shape \\(24, 4\\), the model needs \\(32, 4\\)"):
         lorafit.load_adapter(other, tmp_path, verbose=False)
+    # Nothing is left behind: no adapters, the same trainable flags, the same outputs.
+    assert other.lora_config is None and not any(isinstance(m, LoRALinear) for m in other.modules())
+    assert all(p.requires_grad for p in other.parameters())
+    with torch.no_grad():
+        assert torch.equal(other(IDS).logits, before)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(lorafit.LoadError, match="peft_type 'IA3' is not supported"):
