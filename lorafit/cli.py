@@ -165,14 +165,9 @@ def _count_rows(path: Path) -> int | None:
 
 def _model_hf_config(source) -> dict:
     """The model's Hugging Face config.json as a dict, without reading any weight."""
-    from .models.loading import read_hf_config, resolve_source
+    from .models.loading import open_checkpoint, resolve_source
 
-    path = resolve_source(source, _cache_dir())
-    if path.suffix == ".gguf":
-        from .models.gguf import read_gguf
-
-        return read_gguf(path).hf_config  # metadata only: tensor data is read lazily
-    return read_hf_config(path)
+    return open_checkpoint(resolve_source(source, _cache_dir())).hf_config  # tensors are read lazily
 
 
 DEMO_QUESTION = "Who are you?"

@@ -5,7 +5,8 @@ tensor at a time, already in the target dtype and device: loading never holds th
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,32 +31,39 @@ def load_model(source, dtype=None, quantize=None, device=None, cache_dir=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
     path = resolve_source(source, cache_dir)
+    checkpoint = open_checkpoint(path)
+    config = _model_config(checkpoint.hf_config, checkpoint.config_path)
+    model = build_from_tensors(config, checkpoint.tensors(), dtype, device, path, quantize)
+    model.name_or_path, model.hf_config = str(source), checkpoint.hf_config
+    return model, checkpoint.tokenizer()
+
+
+@dataclass
+class Checkpoint:
+    """A resolved source, whatever its format: its config.json content, tensors and tokenizer, read lazily."""
+
+    hf_config: dict
+    config_path: Path  # what config errors name
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    tokenizer: Callable[[], object]
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """A Hugging Face directory or a .gguf file (the one place that tells the two apart)."""
     if path.suffix == ".gguf":
         from .gguf import read_gguf
 
-        checkpoint = read_gguf(path)
-        config = _model_config(checkpoint.hf_config, path)
-        model = build_from_tensors(config, checkpoint.tensors(), dtype, device, path, quantize)
-        model.name_or_path, model.hf_config = str(source), checkpoint.hf_config
-        return model, checkpoint.tokenizer
-    hf_config = read_hf_config(path)
-    config = _model_config(hf_config, path / "config.json")
-    model = build_from_tensors(config, iter_hf_tensors(path), dtype, device, path, quantize)
-    model.name_or_path, model.hf_config = str(source), hf_config
-    return model, load_tokenizer(path)
+        gguf = read_gguf(path)
+        return Checkpoint(gguf.hf_config, path, gguf.tensors, lambda: gguf.tokenizer)
+    return Checkpoint(read_hf_config(path), path / "config.json", lambda: iter_hf_tensors(path),
+                      lambda: load_tokenizer(path))
 
 
 def read_base_weights(source, names, cache_dir=None) -> dict[str, torch.Tensor]:
     """The checkpoint's own tensors `names` (e.g. the 16-bit weights under a QLoRA model, for merging)."""
     path = resolve_source(source, cache_dir)
-    if path.suffix == ".gguf":
-        from .gguf import read_gguf
-
-        tensors = read_gguf(path).tensors()
-    else:
-        tensors = iter_hf_tensors(path)
     wanted = set(names)
-    found = {name: t for name, t in tensors if name in wanted}
+    found = {name: t for name, t in open_checkpoint(path).tensors() if name in wanted}
     missing = sorted(wanted - set(found))
     if missing:
         raise LoadError(f"{path}: checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))

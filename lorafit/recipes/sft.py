@@ -99,13 +99,9 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
             window_tokens = sum(b["num_label_tokens"] for b in micro_batches)
             loss = torch.zeros((), device=device)
             for b in micro_batches:
-                b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-                with autocast:
-                    out = model(b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
-                                position_ids=b["position_ids"])
-                # out.loss is this micro-batch's mean; weighting by its share of the window's label tokens
-                # makes the accumulated gradient that of the window's token mean.
-                part = out.loss * (b["num_label_tokens"] / window_tokens)
+                # The micro-batch's mean loss, weighted by its share of the window's label tokens: the
+                # accumulated gradient is then that of the window's token mean.
+                part = batch_loss(model, b, autocast, device) * (b["num_label_tokens"] / window_tokens)
                 part.backward()
                 loss += part.detach()
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
@@ -180,6 +176,14 @@ def _windows(data, t, start_epoch: int, start_window: int):
             window += 1
 
 
+def batch_loss(model, batch: dict, autocast, device) -> torch.Tensor:
+    """Mean loss over the label tokens of one collated micro-batch."""
+    with autocast:
+        return model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                     attention_mask=batch["attention_mask"].to(device),
+                     position_ids=batch["position_ids"].to(device)).loss
+
+
 @torch.no_grad()
 def evaluate(model, data, batch_size: int, autocast, device) -> float:
     """Token-weighted mean loss over the eval split."""
@@ -187,11 +191,7 @@ def evaluate(model, data, batch_size: int, autocast, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for b in data.batches(batch_size, split="eval"):
-        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        with autocast:
-            out = model(b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
-                        position_ids=b["position_ids"])
-        total += out.loss.item() * b["num_label_tokens"]
+        total += batch_loss(model, b, autocast, device).item() * b["num_label_tokens"]
         count += b["num_label_tokens"]
     model.train(was_training)
     return total / max(count, 1)
