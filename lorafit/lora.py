@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .nn.linear import Linear
+
 TARGET_GROUPS = {
     "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -256,7 +258,7 @@ def merge_lora(model: nn.Module, base_weights=None) -> nn.Module:
             continue
         original = None if base_weights is None else base_weights.get(f"{name}.weight")
         weight = m.merged_weight(original)
-        merged = nn.Linear(m.in_features, m.out_features, bias=m.base_layer.bias is not None, device="meta")
+        merged = Linear(m.in_features, m.out_features, bias=m.base_layer.bias is not None, device="meta")
         merged.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if m.base_layer.bias is not None:
             merged.bias = nn.Parameter(m.base_layer.bias.detach().clone(), requires_grad=False)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention import attention
+from ..nn.linear import Linear
 from ..nn.norm import RMSNorm
 from ..nn.rope import RotaryEmbedding, apply_rope
 from .config import ModelConfig, base_config_from_hf
@@ -35,10 +36,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         C, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(C, q_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(C, kv_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(C, kv_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_dim, C, bias=False)
+        self.q_proj = Linear(C, q_dim, bias=config.attention_bias)
+        self.k_proj = Linear(C, kv_dim, bias=config.attention_bias)
+        self.v_proj = Linear(C, kv_dim, bias=config.attention_bias)
+        self.o_proj = Linear(q_dim, C, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -65,9 +66,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -108,7 +109,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderStack(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.name_or_path: str | None = None  # where the weights came from (saved in adapter configs)
