@@ -1,7 +1,13 @@
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (small shapes only: it is slow).
+# It must be chosen before triton is first imported, hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

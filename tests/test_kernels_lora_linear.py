@@ -1,0 +1,53 @@
+"""The fused LoRA linear (kernels/lora_linear.py) against its specification, forward and backward."""
+
+import pytest
+import torch
+
+from lorafit.kernels import reference
+from lorafit.kernels.lora_linear import lora_linear
+
+
+def _inputs(dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, 72, generator=g).to(dtype).requires_grad_()  # (B, T, C_in), odd sizes
+    weight = (torch.randn(100, 72, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(100, generator=g) * 0.1).to(dtype) if bias else None
+    a = (torch.randn(5, 72, generator=g) * 0.1).requires_grad_()  # float32 masters, as training keeps them
+    lb = (torch.randn(100, 5, generator=g) * 0.1).requires_grad_()
+    return x, weight, b, a, lb
+
+
+def _run(fn, dtype, bias):
+    x, weight, b, a, lb = _inputs(dtype, bias)
+    y = fn(x, weight, b, a, lb, 1.7)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.float(), x.grad.float(), a.grad, lb.grad
+
+
+def _reference_in(dtype):
+    def fn(x, weight, b, a, lb, s):
+        return reference.lora_linear(x, weight, b, a.to(dtype), lb.to(dtype), s)
+    return fn
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_equals_reference(bias):
+    for got, want in zip(_run(lora_linear, torch.float32, bias), _run(_reference_in(torch.float32), torch.float32, bias)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_error_is_within_twice_the_references():
+    exact = _run(_reference_in(torch.float32), torch.float32, True)
+    ours = _run(lora_linear, torch.bfloat16, True)
+    theirs = _run(_reference_in(torch.bfloat16), torch.bfloat16, True)
+    for name, e, o, t in zip(["y", "grad x", "grad A", "grad B"], exact, ours, theirs):
+        err_ours, err_ref = (o - e).abs().max().item(), (t - e).abs().max().item()
+        assert err_ours <= 2 * err_ref + 1e-3, f"{name}: {err_ours} vs reference {err_ref}"
+
+
+def test_grads_keep_the_adapter_dtype_and_the_base_must_be_frozen():
+    x, weight, b, a, lb = _inputs(torch.bfloat16, False)
+    lora_linear(x, weight, b, a, lb, 1.0).sum().backward()
+    assert a.grad.dtype == torch.float32 and lb.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, weight.requires_grad_(), b, a, lb, 1.0)
