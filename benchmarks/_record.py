@@ -36,7 +36,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def record(benchmark: str, rows: list[dict], **extra) -> None:
+def record(benchmark: str, rows: list[dict], results: Path = RESULTS, **extra) -> None:
+    """Appends one entry to `results` (the committed file by default; a GPU machine writes a copy that comes
+    back and is merged by hand)."""
     import lorafit
 
     entry = {
@@ -47,6 +49,6 @@ def record(benchmark: str, rows: list[dict], **extra) -> None:
         **extra,
         "rows": rows,
     }
-    with RESULTS.open("a") as f:
+    with Path(results).open("a") as f:
         f.write(json.dumps(entry) + "\n")
-    print(f"appended to {RESULTS}")
+    print(f"appended to {results}")

@@ -29,6 +29,7 @@ from .models.loading import DTYPES
 MODEL_DTYPES = ("auto", *DTYPES)
 RECIPES = ("sft", "dpo", "grpo")
 SCHEDULERS = ("linear", "cosine")
+ACTIVATION_CHECKPOINTING = ("none", "layers", "offload")  # lorafit.nn.checkpointing.MODES
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "text")  # what lorafit/data/formats.py reads
 
 # DESIGN §1: LoRA and QLoRA SFT take 2e-4; full fine-tuning changes every weight, so 10x lower (2e-5);
@@ -281,6 +282,9 @@ class TrainSection:
     output_dir: str = "runs/sft"
     save_every: int = 100  # optimizer steps between checkpoints; 0: only the final one
     log_every: int = 1  # optimizer steps between log lines
+    # What decoder layers keep for backward: none (fastest), layers (recompute each layer: about a third
+    # more compute, a fraction of the memory), offload (as layers, the kept inputs in CPU memory; GPU only).
+    activation_checkpointing: str = "none"
 
     def __post_init__(self):
         check = _Checker("train", self)
@@ -299,6 +303,7 @@ class TrainSection:
         check.text("output_dir")
         check.integer("save_every", minimum=0)
         check.integer("log_every", minimum=1)
+        check.choice("activation_checkpointing", ACTIVATION_CHECKPOINTING)
 
 
 SECTIONS = {"model": ModelSection, "finetune": FinetuneSection, "data": DataSection, "train": TrainSection}

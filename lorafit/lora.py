@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.lora_linear import lora_linear
 from .nn.linear import Linear
 
 TARGET_GROUPS = {
@@ -66,9 +67,13 @@ class LoRALinear(nn.Module):
         self.disabled = False  # True: behave exactly as the base layer (the DPO reference model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.disabled:
-            return y
+            return self.base_layer(x)
+        if torch.is_grad_enabled() and self._fused_path_applies(x):
+            # Training: one autograd function that keeps no copies of x (kernels/lora_linear.py).
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                               self.lora_B.weight, self.scaling)
+        y = self.base_layer(x)
         # Adapters train in float32 over a bf16 base: outside autocast the input meets them in their dtype
         # and the update returns in the base's. (Under autocast both are already the autocast dtype.)
         dropped = self.lora_dropout(x).to(self.lora_A.weight.dtype)
@@ -89,6 +94,11 @@ class LoRALinear(nn.Module):
         else:
             base_out = F.linear(dropped.to(y.dtype), weight)
         return y + (row_scale - 1) * base_out + row_scale * update
+
+    def _fused_path_applies(self, x: torch.Tensor) -> bool:
+        base = self.base_layer
+        return (isinstance(base, nn.Linear) and not base.weight.requires_grad and x.dtype == base.weight.dtype
+                and isinstance(self.lora_dropout, nn.Identity) and self.lora_magnitude_vector is None)
 
     def row_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """||W + scaling·B·A|| per output row, detached (DoRA §4.3)."""

@@ -22,7 +22,8 @@ GUIDE_DEFAULTS = {
              "eval_fraction": 0.0},
     "train": {"recipe": "sft", "epochs": 1, "max_steps": None, "lr": None, "batch_size": 2, "grad_accum": 8,
               "warmup_ratio": 0.05, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": 1.0,
-              "seed": 3407, "output_dir": "runs/sft", "save_every": 100, "log_every": 1},
+              "seed": 3407, "output_dir": "runs/sft", "save_every": 100, "log_every": 1,
+              "activation_checkpointing": "none"},
 }
 
 

@@ -285,7 +285,7 @@ def assert_quantized_layout(model):
     for name, module in model.named_modules():
         if name.startswith("model.layers.") and name.endswith("_proj"):
             assert isinstance(module, NF4Linear), name
-    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    assert isinstance(model.lm_head, nn.Linear) and type(model.model.embed_tokens) is nn.Embedding
     assert all(p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
 

@@ -70,9 +70,10 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
 GOLDEN = [10.8693, 10.85, 10.8232, 10.8131]  # tiny Qwen2, identity data, seed 3407: refactors keep these
 
 
-def test_golden_losses(tiny_dir, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["none", "layers"])
+def test_golden_losses(tiny_dir, tmp_path, checkpointing):
     result = run(config_for(tiny_dir, tmp_path / "golden", "train.max_steps=4", "train.batch_size=2",
-                            "train.grad_accum=2"))
+                            "train.grad_accum=2", f"train.activation_checkpointing={checkpointing}"))
     assert result.losses == pytest.approx(GOLDEN, abs=1e-4)
 
 

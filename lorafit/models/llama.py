@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.cross_entropy import linear_cross_entropy
+from ..kernels.rms_norm import add_rms_norm
+from ..kernels.rope import rope
+from ..kernels.swiglu import swiglu
 from ..nn.attention import attention
+from ..nn.checkpointing import run_layer
 from ..nn.linear import Linear
 from ..nn.norm import RMSNorm
 from ..nn.rope import RotaryEmbedding, apply_rope
@@ -32,6 +37,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 class Attention(nn.Module):
+    fused = True  # the Triton RoPE kernel on CUDA (CausalLM.kernels switches it)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -53,8 +60,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fused and q.is_cuda:  # one kernel rotates q and k in the projections' layout
+            q, k = rope(q, k, cos[:, 0].to(q.dtype), sin[:, 0].to(q.dtype))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, S, D): the cached keys followed by the new ones
         y = attention(q, k, v, mask=mask)  # (B, H, T, D)
@@ -64,6 +75,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
+    fused = True  # the Triton SwiGLU kernel on CUDA: keeps gate and up for backward, not silu(gate) too
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -71,6 +84,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
+        if self.fused and x.is_cuda:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -83,8 +98,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+        norm = self.post_attention_layernorm
+        if norm.fused and x.is_cuda and x.dtype == attended.dtype == norm.weight.dtype:
+            h, x = add_rms_norm(attended, x, norm.weight, norm.eps)  # the residual add inside the norm kernel
+        else:
+            x = x + attended
+            h = norm(x)
+        return x + self.mlp(h)
 
 
 class DecoderStack(nn.Module):
@@ -105,6 +126,8 @@ class CausalLMOutput:
 
 
 class CausalLM(nn.Module):
+    lm_head_fused = True  # the chunked linear + cross-entropy kernel on CUDA (see `kernels`)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -115,6 +138,20 @@ class CausalLM(nn.Module):
         self.name_or_path: str | None = None  # where the weights came from (saved in adapter configs)
         self.hf_config: dict | None = None  # the checkpoint's config.json, written again by save_model
         self.lora_config = None  # set by apply_lora
+        self.activation_checkpointing = "none"  # what layers keep for backward: nn/checkpointing.py MODES
+
+    @property
+    def kernels(self) -> bool:
+        """Fused Triton kernels on CUDA tensors (the default); False: the plain PyTorch path everywhere, the
+        reference the kernels are measured and debugged against. CPU tensors always take the PyTorch path."""
+        return self.lm_head_fused
+
+    @kernels.setter
+    def kernels(self, enabled: bool) -> None:
+        self.lm_head_fused = bool(enabled)
+        for m in self.modules():
+            if hasattr(type(m), "fused"):
+                m.fused = bool(enabled)
 
     def forward(
         self,
@@ -153,7 +190,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, 1, T, D)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            if cache is None:
+                x = run_layer(layer, self.activation_checkpointing, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
         x = self.model.norm(x)
@@ -165,6 +205,12 @@ class CausalLM(nn.Module):
         # Only positions that predict a label reach the output layer: with prompts masked (the SFT default)
         # that skips most of the (tokens x vocabulary) logits, about a quarter of a small model's compute.
         targets = labels[:, 1:]  # token t predicts label t + 1
+        if self.lm_head_fused and x.is_cuda and isinstance(self.lm_head, nn.Linear):
+            # Chunked: never the (N, V) logits (2 GiB in float32 for 4k tokens of Llama 3's 128k vocabulary).
+            # Every position goes in and the kernel skips the -100 targets: selecting the label rows first
+            # would wait for the GPU (a data-dependent shape) and stall the launch queue.
+            hidden = x[:, :-1].reshape(-1, x.shape[-1])  # (B * (T-1), C)
+            return CausalLMOutput(loss=linear_cross_entropy(hidden, self.lm_head.weight, targets.reshape(-1)))
         keep = targets != -100  # (B, T-1)
         logits = self.lm_head(x[:, :-1][keep]).float()  # (N, V), N = label tokens
         if logits.shape[0] == 0:  # nothing to learn here: a zero that still connects to the graph

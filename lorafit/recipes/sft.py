@@ -57,6 +57,7 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, quantize=config.quantize,
                                   cache_dir=cache_dir)
     prepare_for_finetuning(model, config.finetune.method, verbose=False, **config.finetune.adapter_options())
+    model.activation_checkpointing = t.activation_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Trainable weights stay in float32 (updates of 2e-4 x a weight vanish in bf16's 8-bit mantissa); the
     # frozen base keeps the loaded dtype, and autocast runs the matmuls in it (for full fine-tuning too).

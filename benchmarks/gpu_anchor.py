@@ -1,0 +1,124 @@
+"""The anchor workload on a GPU, for lorafit: tokens/s, peak memory and MFU, beside Unsloth's and PEFT's.
+
+    python benchmarks/gpu_anchor.py --model DIR [--checkpointing none|layers|offload] [--results FILE]
+
+The workload is ../shared/bench's (run that harness in the same call for the competitors): a random-weight
+model with a real Llama architecture saved by `anchor_bench.py make-model`, bf16, LoRA r=16 alpha=16
+dropout 0 on q,k,v,o,gate,up,down, AdamW lr 2e-4 weight decay 0.01, micro-batch 2 x 2048 random tokens
+(labels = inputs, no padding), gradient accumulation 8, the same seeded data, warm-up steps untimed. lorafit
+trains as its SFT recipe does: float32 adapter weights, bf16 autocast.
+
+Model FLOPs per token = 4 N_frozen + 6 N_lora + 6 L d_attn s, as the harness counts them; MFU is against
+--peak-tflops (default: a bf16 8192^3 matmul measured here, first).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def model_flops_per_token(cfg: dict, r: int, seq: int) -> float:
+    d, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or d // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # q k v o gate up down
+    frozen = layers * sum(i * o for i, o in shapes) + d * cfg["vocab_size"]
+    lora = layers * sum(r * (i + o) for i, o in shapes)
+    attention = 6 * layers * q * seq  # QK^T and PV, forward and backward, halved by causality
+    return 4 * frozen + 6 * lora + attention
+
+
+def matmul_tflops() -> float:
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 20 / (time.perf_counter() - start) / 1e12
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a directory written by anchor_bench.py make-model")
+    p.add_argument("--checkpointing", default="none", choices=["none", "layers", "offload"])
+    p.add_argument("--no-kernels", action="store_true", help="the plain PyTorch path (before/after)")
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seed", type=int, default=3407)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--results", default=None, help="append here (default: benchmarks/results.jsonl)")
+    args = p.parse_args()
+
+    import lorafit
+    from _record import RESULTS, record
+
+    peak = args.peak_tflops or matmul_tflops()
+    cfg = json.loads((Path(args.model) / "config.json").read_text())
+    started = time.perf_counter()
+    model, _ = lorafit.load_model(args.model, dtype="bfloat16", device="cuda")
+    load_s = time.perf_counter() - started
+    torch.manual_seed(args.seed)
+    lorafit.apply_lora(model, r=16, alpha=16, dropout=0.0, targets="all-linear")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # as the SFT recipe keeps them: float32 masters
+        p.data = p.data.float()
+    model.activation_checkpointing = args.checkpointing
+    model.kernels = not args.no_kernels
+    model.train()
+
+    g = torch.Generator().manual_seed(args.seed)
+    n_micro = (args.warmup + args.steps) * args.grad_accum
+    data = torch.randint(0, cfg["vocab_size"], (n_micro, args.micro_batch, args.seq_len), generator=g).cuda()
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.01, fused=True)
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device="cuda")
+        for m in range(args.grad_accum):
+            x = data[step * args.grad_accum + m]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, labels=x).loss
+            (loss / args.grad_accum).backward()
+            total += loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(total.item() / args.grad_accum)
+        print(f"step {step} {'warm-up' if step < args.warmup else 'timed'} {times[-1]:.3f}s loss {losses[-1]:.4f}",
+              flush=True)
+
+    timed = times[args.warmup:]
+    tokens_per_s = args.micro_batch * args.seq_len * args.grad_accum * len(timed) / sum(timed)
+    mfu = model_flops_per_token(cfg, 16, args.seq_len) * tokens_per_s / (peak * 1e12)
+    row = {
+        "system": "lorafit", "model": Path(args.model).name, "checkpointing": args.checkpointing,
+        "kernels": not args.no_kernels,
+        "tokens_per_s": round(tokens_per_s), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "mfu": round(mfu, 3), "peak_tflops": round(peak), "losses": [round(x, 4) for x in losses],
+        "load_s": round(load_s, 1),
+    }
+    label = f"{args.checkpointing}{'' if model.kernels else ', no kernels'}"
+    print(f"| {row['model']} | lorafit ({label}) | {row['tokens_per_s']} | {row['peak_alloc_GiB']} GiB "
+          f"| MFU {100 * mfu:.1f}% |")
+    record("gpu_anchor", [row], results=args.results or RESULTS, micro_batch=args.micro_batch,
+           seq_len=args.seq_len, grad_accum=args.grad_accum, lora_r=16)
+
+
+if __name__ == "__main__":
+    main()

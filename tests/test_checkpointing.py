@@ -1,0 +1,62 @@
+"""Activation checkpointing modes: the same loss and gradients as keeping every activation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.models.llama import CausalLM
+from lorafit.models.loading import build_from_tensors
+from lorafit.models.registry import model_config_from_hf
+from tiny_models import tiny_hf_model
+
+
+def _lora_model(device="cpu", dtype=torch.float32):
+    hf = tiny_hf_model("llama")
+    model = build_from_tensors(model_config_from_hf(hf.config.to_dict()), hf.state_dict().items(), dtype, torch.device(device), Path("tiny"))
+    lorafit.apply_lora(model, r=4, alpha=8)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # B = 0 at init would leave A without gradient
+    return model
+
+
+def _loss_and_grads(model: CausalLM, mode: str, device="cpu"):
+    model.activation_checkpointing = mode
+    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(0)).to(device)
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_recomputed_layers_give_the_same_loss_and_gradients():
+    model = _lora_model()
+    loss, grads = _loss_and_grads(model, "none")
+    for mode in ("layers", "offload"):  # on CPU "offload" has nowhere to offload to: it checkpoints in place
+        loss2, grads2 = _loss_and_grads(model, mode)
+        torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+        for name in grads:
+            torch.testing.assert_close(grads2[name], grads[name], rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_mode_is_refused():
+    model = _lora_model()
+    with pytest.raises(ValueError, match="none, layers, offload"):
+        _loss_and_grads(model, "sometimes")
+
+
+@pytest.mark.gpu
+def test_offloaded_layers_give_the_same_loss_and_gradients_on_gpu():
+    model = _lora_model("cuda", torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, "none", "cuda")
+        loss2, grads2 = _loss_and_grads(model, "offload", "cuda")
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0)

@@ -1,0 +1,67 @@
+"""The model with its fused kernels equals the model on the plain PyTorch path (CUDA; CPU always takes the
+plain path)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.models.loading import build_from_tensors
+from lorafit.models.registry import model_config_from_hf
+from tiny_models import tiny_hf_model
+
+
+def _lora_model(family, device, dtype):
+    hf = tiny_hf_model(family)
+    model = build_from_tensors(model_config_from_hf(hf.config.to_dict()), hf.state_dict().items(), dtype,
+                               torch.device(device), Path("tiny"))
+    lorafit.apply_lora(model, r=4, alpha=8)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # float32 masters, as the SFT recipe keeps them
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+def _loss_and_grads(model, kernels: bool, device, autocast_dtype=None):
+    model.kernels = kernels
+    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(0)).to(device)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a masked prompt
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_kernels_switch_reaches_every_fused_module():
+    model = _lora_model("llama", "cpu", torch.float32)
+    model.kernels = False
+    assert not model.kernels and not any(getattr(m, "fused", False) for m in model.modules())
+    model.kernels = True
+    assert all(m.fused for m in model.modules() if hasattr(type(m), "fused"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_model_equals_plain_model_float32(family):
+    model = _lora_model(family, "cuda", torch.float32)
+    loss, grads = _loss_and_grads(model, False, "cuda")
+    loss2, grads2 = _loss_and_grads(model, True, "cuda")
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fused_model_close_to_plain_model_bfloat16_autocast():
+    model = _lora_model("llama", "cuda", torch.bfloat16)
+    loss, grads = _loss_and_grads(model, False, "cuda", torch.bfloat16)
+    loss2, grads2 = _loss_and_grads(model, True, "cuda", torch.bfloat16)
+    torch.testing.assert_close(loss2, loss, rtol=2e-2, atol=2e-2)
+    for name in grads:
+        assert (grads2[name] - grads[name]).norm() <= 0.05 * grads[name].norm() + 1e-6, name
