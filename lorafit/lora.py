@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.lora_linear import lora_linear
+from .kernels.lora_linear import lora_linear, swiglu_lora_linear
 from .nn.linear import Linear
 
 TARGET_GROUPS = {
@@ -94,6 +94,13 @@ class LoRALinear(nn.Module):
         else:
             base_out = F.linear(dropped.to(y.dtype), weight)
         return y + (row_scale - 1) * base_out + row_scale * update
+
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up); in training the product is recomputed in backward instead of being kept."""
+        if torch.is_grad_enabled() and not self.disabled and self._fused_path_applies(gate):
+            return swiglu_lora_linear(gate, up, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                                      self.lora_B.weight, self.scaling)
+        return self(torch.ops.lorafit.swiglu(gate, up))
 
     def _fused_path_applies(self, x: torch.Tensor) -> bool:
         base = self.base_layer

@@ -51,3 +51,24 @@ def test_grads_keep_the_adapter_dtype_and_the_base_must_be_frozen():
     assert a.grad.dtype == torch.float32 and lb.grad.dtype == torch.float32
     with pytest.raises(ValueError, match="frozen"):
         lora_linear(x, weight.requires_grad_(), b, a, lb, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_input_recomputed_in_backward_gives_the_same_result(dtype):
+    from lorafit.kernels.lora_linear import swiglu_lora_linear
+
+    def run(fn):
+        g = torch.Generator().manual_seed(3)
+        gate = torch.randn(2, 11, 72, generator=g).to(dtype).requires_grad_()  # (B, T, I)
+        up = torch.randn(2, 11, 72, generator=g).to(dtype).requires_grad_()
+        weight = (torch.randn(40, 72, generator=g) * 0.1).to(dtype)
+        a = (torch.randn(5, 72, generator=g) * 0.1).requires_grad_()
+        lb = (torch.randn(40, 5, generator=g) * 0.1).requires_grad_()
+        y = fn(gate, up, weight, a, lb)
+        (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
+        return y, gate.grad, up.grad, a.grad, lb.grad
+
+    fused = run(lambda gate, up, w, a, lb: swiglu_lora_linear(gate, up, w, None, a, lb, 0.5))
+    plain = run(lambda gate, up, w, a, lb: lora_linear(reference.swiglu(gate, up), w, None, a, lb, 0.5))
+    for got, want in zip(fused, plain):  # the same operations in the same order: equal
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -85,7 +85,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fused and x.is_cuda:
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
+            if hasattr(self.down_proj, "forward_swiglu"):  # a LoRA layer that recomputes its input in backward
+                return self.down_proj.forward_swiglu(gate, up)
+            return self.down_proj(swiglu(gate, up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
