@@ -324,8 +324,12 @@ def test_block_mask_and_padded_collation():
         [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert packed["attention_mask"][1, 0, 4].int().tolist() == [0, 0, 0, 0, 1]  # padding sees only padding
     assert packed["num_label_tokens"] == 1 + 2 + 3
+    # The same documents for varlen attention, over the flattened 2 x 5 tokens: a | b | c | padding.
+    assert packed["cu_seqlens"].tolist() == [0, 2, 5, 9, 10] and packed["cu_seqlens"].dtype == torch.int32
+    assert packed["max_seqlen"] == 4
 
     padded = collate([[a], [c]], pad_id=9, packed=False)
+    assert "cu_seqlens" not in padded
     assert padded["input_ids"].tolist() == [[1, 2, 9, 9], [1, 2, 3, 4]]
     assert padded["labels"].tolist() == [[IGNORE, 2, IGNORE, IGNORE], [IGNORE, 2, 3, 4]]
     assert padded["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]

@@ -65,3 +65,31 @@ def test_fused_model_close_to_plain_model_bfloat16_autocast():
     torch.testing.assert_close(loss2, loss, rtol=2e-2, atol=2e-2)
     for name in grads:
         assert (grads2[name] - grads[name]).norm() <= 0.05 * grads[name].norm() + 1e-6, name
+
+
+@pytest.mark.gpu
+def test_packed_documents_through_varlen_attention_equal_the_block_mask():
+    from lorafit.data.packing import collate
+    from lorafit.models.llama import PackedDocuments
+    from lorafit.nn.attention import can_run_varlen
+    from test_data import random_examples
+
+    model = _lora_model("llama", "cuda", torch.bfloat16)
+    docs = random_examples(5, vocab=101)
+    batch = collate([docs[:3], docs[3:]], pad_id=0, packed=True)
+    cuda = {k: v.cuda() for k, v in batch.items() if torch.is_tensor(v)}
+    assert can_run_varlen(torch.device("cuda"), torch.bfloat16)  # PyTorch >= 2.10 has the kernel
+
+    def loss_and_grads(documents):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(cuda["input_ids"], labels=cuda["labels"], attention_mask=cuda["attention_mask"],
+                         position_ids=cuda["position_ids"], documents=documents).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(None)  # the dense block mask through SDPA
+    loss2, grads2 = loss_and_grads(PackedDocuments(cuda["cu_seqlens"], batch["max_seqlen"]))
+    torch.testing.assert_close(loss2, loss, rtol=2e-2, atol=2e-2)
+    for name in grads:
+        assert (grads2[name] - grads[name]).norm() <= 0.05 * grads[name].norm() + 1e-6, name

@@ -12,6 +12,7 @@ the next. Every example's first label is -100 (chat.tokenize_samples sees to it)
 the loss; `collate` checks it.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,8 @@ def pack_greedy(lengths: list[int], max_seq_length: int) -> list[list[int]]:
 
 
 def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict:
-    """-> {"input_ids", "labels", "attention_mask", "position_ids", "num_label_tokens"}.
+    """-> {"input_ids", "labels", "attention_mask", "position_ids", "num_label_tokens", "num_tokens"}, and
+    for packed rows "cu_seqlens" and "max_seqlen" (the documents' boundaries, for varlen attention).
 
     input_ids, labels, position_ids: (B, S) int64, right-padded (padding: pad_id, label -100).
     attention_mask: (B, S) 0/1 when not packed; (B, 1, S, S) bool when packed (True = may attend).
@@ -84,8 +86,19 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict:
             document[b, at : at + n] = d
             at += n
     real = document >= 0
+    extra = {}
     if packed:
         attention_mask = block_causal_mask(document)
+        # The same documents for varlen (flash) attention on GPUs: boundaries over the flattened (B * S)
+        # tokens, each row's padding tail one more segment. Known here, on the CPU, so the model never
+        # has to derive them from a device tensor (which would wait for the GPU).
+        lengths = []
+        for row in rows:
+            lengths += [len(e) for e in row]
+            if S > sum(len(e) for e in row):
+                lengths.append(S - sum(len(e) for e in row))
+        extra = {"cu_seqlens": torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32),
+                 "max_seqlen": max(lengths)}
     else:
         attention_mask = real.long()
         position_ids = torch.arange(S).expand(B, S).clone()  # as the model would count them from the mask
@@ -96,6 +109,7 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict:
         "position_ids": position_ids,
         "num_label_tokens": int((labels[:, 1:] != IGNORE).sum()),
         "num_tokens": int(real.sum()),  # real (non-padding) tokens: what tokens/s counts
+        **extra,  # packed: "cu_seqlens" (int32, segments + 1) and "max_seqlen"
     }
 
 

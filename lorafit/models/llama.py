@@ -18,7 +18,7 @@ from ..kernels.cross_entropy import linear_cross_entropy
 from ..kernels.rms_norm import add_rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
-from ..nn.attention import attention
+from ..nn.attention import attention, can_run_varlen, varlen_attention
 from ..nn.checkpointing import run_layer
 from ..nn.linear import Linear
 from ..nn.norm import RMSNorm
@@ -53,15 +53,28 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+    def project(self, x):
+        """x (B, T, C) -> q (B, T, H, D), k and v (B, T, Hkv, D), q and k normalised where the family does."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        if isinstance(mask, PackedDocuments):  # packed documents on a GPU: flash attention's varlen kernel
+            q, k = rope(q, k, cos[:, 0].to(q.dtype), sin[:, 0].to(q.dtype))
+            flat = lambda t: t.reshape(B * T, t.shape[2], self.head_dim)  # noqa: E731  (B * T, heads, D)
+            y = varlen_attention(flat(q), flat(k), flat(v), mask.cu_seqlens, mask.max_seqlen)  # (B * T, H, D)
+            return self.o_proj(y.view(B, T, -1))
         if self.fused and q.is_cuda:  # one kernel rotates q and k in the projections' layout
             q, k = rope(q, k, cos[:, 0].to(q.dtype), sin[:, 0].to(q.dtype))
+            # Transposed views of (B, T, H, D): SDPA then writes its output in that layout too, and the
+            # reshape for o_proj below is a view, not a copy (measured on an H200 with cuDNN attention).
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
@@ -122,6 +135,14 @@ class DecoderStack(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
 
 
+@dataclass(frozen=True)
+class PackedDocuments:
+    """Where the documents of a packed batch start and end over its flattened (B * T) tokens."""
+
+    cu_seqlens: torch.Tensor  # (documents + 1,) int32, on the model's device
+    max_seqlen: int
+
+
 @dataclass
 class CausalLMOutput:
     loss: torch.Tensor | None = None
@@ -164,6 +185,7 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache=None,
         last_logits_only: bool = False,
+        documents: PackedDocuments | None = None,
     ) -> CausalLMOutput:
         """input_ids: (B, T).
 
@@ -171,7 +193,8 @@ class CausalLM(nn.Module):
         (B, 1, T, S) mask (True = may attend). position_ids: (B, T); by default counted from the padding
         mask, or from the cache length. With labels, returns only the loss: the mean cross-entropy over the
         label tokens that are not -100 after the shift (token t predicts label t + 1); otherwise the logits,
-        of the last position only when `last_logits_only` (generation needs no more).
+        of the last position only when `last_logits_only` (generation needs no more). documents: a packed
+        batch's boundaries (data.packing's "cu_seqlens"): on a GPU they replace the dense block mask.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -182,15 +205,17 @@ class CausalLM(nn.Module):
             )
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, B, T, past, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
         mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
+        if documents is not None and self.kernels and cache is None and can_run_varlen(x.device, _compute_dtype(x)):
+            mask = documents  # each layer's attention runs the varlen kernel on these boundaries
+        elif attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask
         elif attention_mask is not None and not (cache is None and is_right_padded(attention_mask)):
             mask = padding_causal_mask(attention_mask, T)
         # A right-padded batch without a cache needs no mask: padding comes after every real token, so
         # causality alone keeps real tokens from seeing it, and SDPA takes its faster is_causal path.
 
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, 1, T, D)
         for i, layer in enumerate(self.model.layers):
             if cache is None:
@@ -219,6 +244,13 @@ class CausalLM(nn.Module):
         if logits.shape[0] == 0:  # nothing to learn here: a zero that still connects to the graph
             return CausalLMOutput(loss=logits.sum())
         return CausalLMOutput(loss=F.cross_entropy(logits, targets[keep]))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers' matmuls produce: autocast's when it is on, else the activations'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def default_position_ids(attention_mask, B, T, past, device) -> torch.Tensor:

@@ -1,8 +1,14 @@
-"""The attention seam: every model calls `attention` and nothing else.
+"""The attention seam: the models call `attention` (padded batches) and `varlen_attention` (packed ones).
 
-Today it is PyTorch's scaled_dot_product_attention (which picks flash / memory-efficient / math kernels by
-itself); packed varlen attention and other backends plug in here later without touching the models.
+`attention` is PyTorch's scaled_dot_product_attention, which picks the fastest exact kernel it has (cuDNN
+or flash on Hopper, measured: cuDNN 0.66 ms vs flash 1.20 ms for a causal 2 x 2048 x 32 x 128 forward and
+backward with 8 KV heads). `varlen_attention` runs packed documents through flash attention's
+variable-length kernel: each token attends within its own document only, without the (S x S) mask that
+the dense path needs.
 """
+
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -31,3 +37,31 @@ def attention(
     # bottom-right (query i sees keys up to S - T + i).
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@functools.cache
+def _varlen_kernel():
+    """torch.nn.attention.varlen.varlen_attn and how to ask it for causality, or None where PyTorch lacks it
+    (before 2.10). Its causal flag changed between releases: `is_causal` (2.10, 2.11), `window_size` later."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    if "is_causal" in parameters:
+        return functools.partial(varlen_attn, is_causal=True)
+    options = {"window_size": (-1, 0)}  # (-1, 0): everything before, nothing after
+    if "enable_gqa" in parameters:
+        options["enable_gqa"] = True
+    return functools.partial(varlen_attn, **options)
+
+
+def can_run_varlen(device: torch.device, dtype: torch.dtype) -> bool:
+    """Flash attention's varlen kernel: CUDA, 16-bit inputs, PyTorch >= 2.10."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
+
+
+def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """q: (N, H, D), k, v: (N, Hkv, D) for N tokens of packed documents; cu_seqlens (documents + 1,) int32,
+    their boundaries. Causal within each document. Returns (N, H, D)."""
+    return _varlen_kernel()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)

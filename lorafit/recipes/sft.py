@@ -21,6 +21,7 @@ from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
 from ..lora import count_parameters
 from ..models.loading import load_model
+from ..models.llama import PackedDocuments
 from ..training.checkpoint import load_checkpoint, require_latest, save_checkpoint
 from ..training.metrics import MetricsLog
 from ..training.optim import build_optimizer
@@ -179,10 +180,13 @@ def _windows(data, t, start_epoch: int, start_window: int):
 
 def batch_loss(model, batch: dict, autocast, device) -> torch.Tensor:
     """Mean loss over the label tokens of one collated micro-batch."""
+    documents = None
+    if "cu_seqlens" in batch:  # packed: the model runs varlen attention where it can, else the block mask
+        documents = PackedDocuments(batch["cu_seqlens"].to(device), batch["max_seqlen"])
     with autocast:
         return model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
                      attention_mask=batch["attention_mask"].to(device),
-                     position_ids=batch["position_ids"].to(device)).loss
+                     position_ids=batch["position_ids"].to(device), documents=documents).loss
 
 
 @torch.no_grad()
