@@ -178,6 +178,16 @@ def _(packed, absmax, code, nested_scales, nested_code, nested_offset, shape, dt
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
+# CUDA tensors take the Triton kernel of kernels/nf4_dequantize.py, bit-identical to the body above (which
+# stays the specification and every other device's path; `dequantize_nf4.set_kernel_enabled("cuda", False)`
+# switches back to it). Imported on first use: that module imports this one's constants.
+@dequantize_nf4.register_kernel("cuda")
+def _(packed, absmax, code, nested_scales, nested_code, nested_offset, shape, dtype):
+    from ..kernels.nf4_dequantize import dequantize_nf4_triton
+
+    return dequantize_nf4_triton(packed, absmax, code, nested_scales, nested_code, nested_offset, shape, dtype)
+
+
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
