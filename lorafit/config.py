@@ -30,6 +30,9 @@ MODEL_DTYPES = ("auto", *DTYPES)
 RECIPES = ("sft", "dpo", "grpo")
 SCHEDULERS = ("linear", "cosine")
 ACTIVATION_CHECKPOINTING = ("none", "layers", "offload")  # lorafit.nn.checkpointing.MODES
+DPO_LOSSES = ("sigmoid", "ipo")  # lorafit.losses.dpo.LOSSES
+GRPO_NORMALISATIONS = ("token", "sequence", "dr_grpo")  # lorafit.losses.grpo.NORMALISATIONS
+ON_REWARD_ERROR = ("stop", "skip")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "text")  # what lorafit/data/formats.py reads
 
 # DESIGN §1: LoRA and QLoRA SFT take 2e-4; full fine-tuning changes every weight, so 10x lower (2e-5);
@@ -306,7 +309,69 @@ class TrainSection:
         check.choice("activation_checkpointing", ACTIVATION_CHECKPOINTING)
 
 
-SECTIONS = {"model": ModelSection, "finetune": FinetuneSection, "data": DataSection, "train": TrainSection}
+@dataclass(frozen=True)
+class DPOSection:
+    beta: float = 0.1  # how far the policy may move from the reference (the DPO paper's and TRL's default)
+    loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    precompute_reference: bool = False  # reference log-probs once before training: no reference passes after
+
+    def __post_init__(self):
+        check = _Checker("dpo", self)
+        check.number("beta", low=0, low_open=True)
+        check.choice("loss", DPO_LOSSES)
+        check.boolean("precompute_reference")
+
+
+@dataclass(frozen=True)
+class GRPOSection:
+    # Reward functions: built-in names (lorafit/rewards.py) or "module:function" / "file.py:function".
+    rewards: tuple[str, ...] = ("numeric_answer",)
+    reward_weights: tuple[float, ...] | None = None  # null: 1 each; the total reward is the weighted sum
+    # Completions per prompt (G). The advantage compares completions of one prompt, so G sets how finely
+    # rewards are told apart: 8 is the paper's choice (and TRL's default). train.batch_size x grad_accum
+    # completions make one optimizer step, so that product must be a multiple of G.
+    num_generations: int = 8
+    max_prompt_length: int = 512  # longer prompts are skipped (and counted)
+    max_completion_length: int = 256  # new tokens per completion (TRL's default)
+    temperature: float = 1.0  # sampling of completions: 1 = the model's own distribution
+    top_p: float = 1.0
+    top_k: int = 0
+    system_prompt: str | None = None  # a system message put before every prompt (e.g. the answer layout)
+    epsilon: float = 0.2  # PPO's clip range of the probability ratio (the paper's 0.2)
+    beta: float = 0.0  # KL to the reference model; 0 (DAPO, Dr. GRPO, TRL's default) skips the reference
+    scale_rewards: bool = True  # divide advantages by the group's std; false: Dr. GRPO's unscaled advantages
+    normalisation: str = "token"  # token | sequence | dr_grpo: see lorafit/losses/grpo.py
+    num_iterations: int = 1  # optimizer steps per generated batch (the paper's mu); > 1 reuses completions
+    on_reward_error: str = "stop"  # a reward function that raises or returns NaN: stop, or skip the prompt
+
+    def __post_init__(self):
+        check = _Checker("grpo", self)
+        check.names("rewards", allow_empty=False)
+        if self.reward_weights is not None:
+            weights = self.reward_weights
+            if (not isinstance(weights, (list, tuple)) or len(weights) != len(self.rewards)
+                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                               for w in weights)):
+                check.fail("reward_weights", f"null or a list of {len(self.rewards)} numbers (one per reward)",
+                           weights)
+            object.__setattr__(self, "reward_weights", tuple(float(w) for w in weights))
+        check.integer("num_generations", minimum=2)
+        check.integer("max_prompt_length", minimum=1)
+        check.integer("max_completion_length", minimum=1)
+        check.number("temperature", low=0, low_open=True)
+        check.number("top_p", low=0, high=1, low_open=True, high_open=False)
+        check.integer("top_k", minimum=0)
+        check.text("system_prompt", nullable=True)
+        check.number("epsilon", low=0, low_open=True)
+        check.number("beta", low=0)
+        check.boolean("scale_rewards")
+        check.choice("normalisation", GRPO_NORMALISATIONS)
+        check.integer("num_iterations", minimum=1)
+        check.choice("on_reward_error", ON_REWARD_ERROR)
+
+
+SECTIONS = {"model": ModelSection, "finetune": FinetuneSection, "data": DataSection, "train": TrainSection,
+            "dpo": DPOSection, "grpo": GRPOSection}
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -318,6 +383,8 @@ class Config:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
     def __post_init__(self):
         # The Python API may pass plain dicts for sections, exactly as a YAML file would hold them.
@@ -327,6 +394,13 @@ class Config:
                 object.__setattr__(self, name, _section_from_dict(name, value))
             elif not isinstance(value, cls):
                 raise ConfigError(f"{name} must be a mapping of settings or a {cls.__name__}, got {_show(value)}")
+        completions = self.train.batch_size * self.train.grad_accum
+        if self.train.recipe == "grpo" and completions % self.grpo.num_generations:
+            accum = math.lcm(completions, self.grpo.num_generations) // self.train.batch_size
+            raise ConfigError(
+                f"grpo: an optimizer step takes train.batch_size x grad_accum = {completions} completions, which "
+                f"must be whole groups of grpo.num_generations = {self.grpo.num_generations} (e.g. batch_size "
+                f"{self.train.batch_size} and grad_accum {accum})")
 
     # --- building
 

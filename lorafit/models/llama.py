@@ -186,6 +186,7 @@ class CausalLM(nn.Module):
         cache=None,
         last_logits_only: bool = False,
         documents: PackedDocuments | None = None,
+        loss_reduction: str = "mean",
     ) -> CausalLMOutput:
         """input_ids: (B, T).
 
@@ -195,7 +196,11 @@ class CausalLM(nn.Module):
         label tokens that are not -100 after the shift (token t predicts label t + 1); otherwise the logits,
         of the last position only when `last_logits_only` (generation needs no more). documents: a packed
         batch's boundaries (data.packing's "cu_seqlens"): on a GPU they replace the dense block mask.
+        loss_reduction "none": the loss is (B, T-1) float32, each label token's cross-entropy (its -log p)
+        and 0 where the target is -100; what DPO and GRPO sum per sequence.
         """
+        if loss_reduction not in ("mean", "none"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'none', not {loss_reduction!r}")
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if self.config.sliding_window is not None and past + T > self.config.sliding_window:
@@ -233,7 +238,7 @@ class CausalLM(nn.Module):
         # Only positions that predict a label reach the output layer: with prompts masked (the SFT default)
         # that skips most of the (tokens x vocabulary) logits, about a quarter of a small model's compute.
         targets = labels[:, 1:]  # token t predicts label t + 1
-        if self.lm_head_fused and x.is_cuda and isinstance(self.lm_head, nn.Linear):
+        if self.lm_head_fused and x.is_cuda and isinstance(self.lm_head, nn.Linear) and loss_reduction == "mean":
             # Chunked: never the (N, V) logits (2 GiB in float32 for 4k tokens of Llama 3's 128k vocabulary).
             # Every position goes in and the kernel skips the -100 targets: selecting the label rows first
             # would wait for the GPU (a data-dependent shape) and stall the launch queue.
@@ -241,6 +246,9 @@ class CausalLM(nn.Module):
             return CausalLMOutput(loss=linear_cross_entropy(hidden, self.lm_head.weight, targets.reshape(-1)))
         keep = targets != -100  # (B, T-1)
         logits = self.lm_head(x[:, :-1][keep]).float()  # (N, V), N = label tokens
+        if loss_reduction == "none":
+            token_losses = F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+            return CausalLMOutput(loss=logits.new_zeros(targets.shape).masked_scatter(keep, token_losses))
         if logits.shape[0] == 0:  # nothing to learn here: a zero that still connects to the graph
             return CausalLMOutput(loss=logits.sum())
         return CausalLMOutput(loss=F.cross_entropy(logits, targets[keep]))

@@ -9,4 +9,12 @@ def train(config, resume: bool = False, **options):
         from .sft import run_sft
 
         return run_sft(config, resume=resume, **options)
-    raise ConfigError(f"train.recipe {config.train.recipe!r} is not implemented yet (implemented: sft)")
+    if config.train.recipe == "dpo":
+        from .dpo import run_dpo
+
+        return run_dpo(config, resume=resume, **options)
+    if config.train.recipe == "grpo":
+        from .grpo import run_grpo
+
+        return run_grpo(config, resume=resume, **options)
+    raise ConfigError(f"train.recipe {config.train.recipe!r} is not implemented (implemented: sft, dpo, grpo)")

@@ -1,0 +1,1 @@
+"""Training objectives beyond next-token cross-entropy (which the model computes itself)."""
