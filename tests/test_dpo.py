@@ -39,6 +39,45 @@ def test_sigmoid_and_ipo_losses_and_rewards_equal_the_formulas():
         dpo_loss(policy, reference, beta, "hinge")
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_and_metrics_equal_trls(loss_type):
+    """TRL's DPOTrainer as the oracle, on fixed log-probabilities. TRL 1.x computes the loss inside
+    `_compute_loss(model, inputs)`, so it runs there with a stand-in model that returns our per-token
+    log-probabilities and a stand-in trainer holding the settings it reads."""
+    pytest.importorskip("trl")
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 9
+    completion_mask = torch.zeros(2 * B, T, dtype=torch.long)
+    for i, start in enumerate([3, 4, 2, 5, 3, 6]):
+        completion_mask[i, start:] = 1
+    per_token = -torch.rand(2 * B, T - 1, generator=g, dtype=torch.float64) * 2 * completion_mask[:, 1:]
+    reference = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 10 - 5
+    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2 * B, T - 1),
+                              mean_logits=torch.zeros(2 * B, T - 1), is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool))
+    accelerator = SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        beta=0.1, use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0,
+        _tp_size=1)
+    inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long), "attention_mask": torch.ones(2 * B, T),
+              "completion_mask": completion_mask, "ref_chosen_logps": reference[:B], "ref_rejected_logps": reference[B:]}
+    trl_loss = DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, False)
+
+    counts = completion_mask.sum(1).to(torch.float64)
+    losses, m = dpo_loss(SequenceLogps(per_token.sum(1), counts), SequenceLogps(reference, counts), 0.1, loss_type)
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-9)
+    trl_metrics = trainer._metrics["train"]
+    for ours, theirs in [("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
+                         ("rewards/margins", "rewards/margins"), ("rewards/accuracy", "rewards/accuracies")]:
+        assert m[ours].mean().item() == pytest.approx(trl_metrics[theirs][0], rel=1e-9, abs=1e-12), ours
+
+
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     rows = [
