@@ -9,8 +9,6 @@ Loss normalisation: each micro-batch's mean pair loss is weighted by its share o
 optimizer step follows the mean over all the pairs of its accumulation window (as SFT does with tokens).
 """
 
-import contextlib
-import math
 import random
 import time
 from pathlib import Path
@@ -19,19 +17,13 @@ import torch
 
 from ..advisor import advise, format_advice, training_plan
 from ..data.preference import collate_pairs, load_preference_dataset
-from ..errors import LorafitError
-from ..finetune import prepare_for_finetuning
 from ..lora import count_parameters
 from ..losses.dpo import dpo_loss, sequence_logps
-from ..models.loading import load_model
-from ..training.checkpoint import load_checkpoint, require_latest, save_checkpoint
-from ..training.metrics import MetricsLog
+from ..training.checkpoint import save_checkpoint
+from ..training.loop import (OptimizerStep, TrainResult, finish_run, load_trainee, open_run, progress_bar,
+                             stop_early, stop_requests, windows)
 from ..training.optim import build_optimizer
-from ..training.reference import ReferenceModel
-from ..training.report import write_report
 from ..training.schedule import build_scheduler
-from .sft import (MAX_NONFINITE_IN_A_ROW, TrainingInterrupted, TrainResult, _progress_bar, _save_final,
-                  _stop_requests, _windows)
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
 
@@ -43,18 +35,9 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
-    model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, quantize=config.quantize,
-                                  cache_dir=cache_dir)
-    prepare_for_finetuning(model, config.finetune.method, verbose=False, **config.finetune.adapter_options())
-    reference = ReferenceModel(model)
-    model.activation_checkpointing = t.activation_checkpointing
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    base_dtype = model.model.embed_tokens.weight.dtype
-    device = model.model.embed_tokens.weight.device
-    for p in trainable:
-        p.data = p.data.float()  # float32 masters, as in SFT
-    autocast = (torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32
-                else contextlib.nullcontext())
+    trainee = load_trainee(config, cache_dir, with_reference=True)
+    model, tokenizer, device, autocast = trainee.model, trainee.tokenizer, trainee.device, trainee.autocast
+    reference = trainee.reference
 
     data = load_preference_dataset(config.data.resolved_path(), tokenizer, config.model.max_seq_length,
                                    eval_fraction=config.data.eval_fraction, seed=t.seed)
@@ -74,6 +57,7 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
             for pair in pairs:
                 batch = collate_pairs([pair], data.pad_id)
                 precomputed[(split, id(pair))] = reference_logps(batch)
+        reference.frozen_copy = None  # full fine-tuning's copy is not needed again: free its memory
 
     def batch_reference(batch, split):
         if not precomputed:
@@ -86,16 +70,8 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
     optimizer = build_optimizer(model, config.resolved_lr(), t.weight_decay)
     scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, t.scheduler)
     state = {"step": 0, "epoch": 0, "window": 0, "elapsed_s": 0.0}
-    if resume:
-        checkpoint = require_latest(output_dir)
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        log(f"resumed from {checkpoint} (step {state['step']})")
-    elif (output_dir / "checkpoints").exists():
-        raise LorafitError(f"{output_dir} holds checkpoints of an earlier run: add --resume to continue it, "
-                           f"or choose another train.output_dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config.to_yaml())
-    metrics = MetricsLog(output_dir, resume_from_step=state["step"] if resume else None)
+    state, metrics = open_run(config, model, optimizer, scheduler, state, resume, log)
+    optimizer_step = OptimizerStep(trainee.trainable, optimizer, scheduler, t.max_grad_norm, log)
 
     def evaluate() -> dict:
         was_training = model.training
@@ -113,11 +89,11 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
         model.train(was_training)
         return {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
 
-    losses_log, nonfinite_in_a_row, evaluations = [], 0, {}  # evaluations: step -> eval metrics
-    bar = _progress_bar(plan.total_steps, state["step"], progress)
+    losses_log, evaluations = [], {}  # evaluations: step -> eval metrics
+    bar = progress_bar(plan.total_steps, state["step"], progress)
     model.train()
-    with _stop_requests() as stop:
-        for epoch, window, micro_batches in _windows(data, t, state["epoch"], state["window"]):
+    with stop_requests() as stop:
+        for epoch, window, micro_batches in windows(data, t, state["epoch"], state["window"]):
             if state["step"] >= plan.total_steps:
                 break
             started = time.perf_counter()
@@ -133,18 +109,7 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
                 loss += part.detach()
                 for k in METRICS:
                     sums[k] += m[k].sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or math.inf)
-            lr = scheduler.get_last_lr()[0]
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                optimizer.step()
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                log(f"step {state['step'] + 1}: non-finite loss or gradient; update skipped")
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise LorafitError(f"{nonfinite_in_a_row} non-finite steps in a row: lower train.lr (now {lr:g})")
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(loss, state["step"] + 1)
 
             seconds = time.perf_counter() - started
             state.update(step=state["step"] + 1, epoch=epoch, window=window + 1, elapsed_s=state["elapsed_s"] + seconds)
@@ -164,20 +129,14 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
                 save_checkpoint(output_dir, model, optimizer, scheduler, state)
             if stopping and not last:
                 bar.close()
-                message = (f"stopped after step {state['step']}; checkpoint saved. Resume with: "
-                           f"lorafit train CONFIG --resume  (train.output_dir={output_dir})")
-                if stop.requested:
-                    raise TrainingInterrupted(message)
-                log(message)
+                stop_early(stop, output_dir, state["step"], log)
                 break
     bar.close()
 
     final_eval = (evaluations.get(state["step"]) or evaluate()) if data.eval else None
-    final = _save_final(model, tokenizer, output_dir)
-    summary = {"steps": state["step"], "training time (s)": round(state["elapsed_s"], 1), "final output": final}
+    summary = {"steps": state["step"], "training time (s)": round(state["elapsed_s"], 1)}
     if final_eval:
         summary.update({k: round(v, 4) for k, v in final_eval.items()})
-    write_report(output_dir, advice_table, summary)
-    model.eval()
+    final = finish_run(model, tokenizer, output_dir, advice_table, summary)
     return TrainResult(output_dir, final, state["step"], losses_log,
                        final_eval["eval_loss"] if final_eval else None, model, tokenizer)

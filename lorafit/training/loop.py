@@ -1,0 +1,192 @@
+"""What the SFT, DPO and GRPO loops share, as plain functions they call in order: the model made ready to
+train, the run directory opened (or resumed), one guarded optimizer step, stopping on a signal, and the end
+of the run. Each recipe keeps its own loop, readable top to bottom; only these steps are written once.
+"""
+
+import contextlib
+import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..adapter_io import save_adapter
+from ..errors import LorafitError
+from ..finetune import prepare_for_finetuning
+from ..models.loading import load_model
+from .checkpoint import load_checkpoint, require_latest
+from .metrics import MetricsLog
+from .reference import ReferenceModel
+from .report import write_report
+
+# A few non-finite steps can be a bad batch; this many in a row means the run has diverged.
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+class TrainingInterrupted(LorafitError):
+    """SIGINT / SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final: Path  # OUTPUT_DIR/adapter (PEFT format) or OUTPUT_DIR/model
+    steps: int
+    losses: list[float]
+    eval_loss: float | None
+    model: torch.nn.Module
+    tokenizer: object
+
+
+@dataclass
+class Trainee:
+    """The model as a recipe trains it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    trainable: list[torch.nn.Parameter]
+    device: torch.device
+    autocast: contextlib.AbstractContextManager  # enter it for every forward pass
+    reference: ReferenceModel | None = None  # DPO's and GRPO's starting point, when asked for
+
+
+def load_trainee(config, cache_dir=None, with_reference: bool = False) -> Trainee:
+    """Loads config.model, prepares config.finetune's method and keeps the trainable weights in float32."""
+    model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, quantize=config.quantize,
+                                  cache_dir=cache_dir)
+    prepare_for_finetuning(model, config.finetune.method, verbose=False, **config.finetune.adapter_options())
+    model.activation_checkpointing = config.train.activation_checkpointing
+    # Before the float32 cast below: a frozen copy keeps the loaded dtype (half the memory in bf16).
+    reference = ReferenceModel(model) if with_reference else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Trainable weights stay in float32 (updates of 2e-4 x a weight vanish in bf16's 8-bit mantissa); the
+    # frozen base keeps the loaded dtype, and autocast runs the matmuls in it (for full fine-tuning too).
+    base_dtype = model.model.embed_tokens.weight.dtype
+    device = model.model.embed_tokens.weight.device
+    for p in trainable:
+        p.data = p.data.float()
+    autocast = (torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32
+                else contextlib.nullcontext())
+    return Trainee(model, tokenizer, trainable, device, autocast, reference)
+
+
+def open_run(config, model, optimizer, scheduler, state: dict, resume: bool, log) -> tuple[dict, MetricsLog]:
+    """Resumes from the newest checkpoint (or refuses to overwrite an earlier run's), writes config.yaml and
+    opens metrics.jsonl. Returns the trainer state to start from: `state` itself for a new run."""
+    output_dir = Path(config.train.output_dir)
+    if resume:
+        checkpoint = require_latest(output_dir)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        log(f"resumed from {checkpoint} (step {state['step']})")
+    elif (output_dir / "checkpoints").exists():
+        raise LorafitError(f"{output_dir} holds checkpoints of an earlier run: add --resume to continue it, "
+                           f"or choose another train.output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config.to_yaml())
+    return state, MetricsLog(output_dir, resume_from_step=state["step"] if resume else None)
+
+
+class OptimizerStep:
+    """Clips the accumulated gradients, steps the optimizer unless the loss or the gradient norm is not
+    finite (then the update is skipped; MAX_NONFINITE_IN_A_ROW in a row stop the run), steps the schedule
+    and clears the gradients."""
+
+    def __init__(self, trainable, optimizer, scheduler, max_grad_norm: float | None, log):
+        self.trainable, self.optimizer, self.scheduler, self.log = trainable, optimizer, scheduler, log
+        self.max_norm = max_grad_norm if max_grad_norm is not None else math.inf
+        self.nonfinite_in_a_row = 0
+
+    def __call__(self, loss: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
+        """loss: the step's accumulated loss (detached); step: its number. -> (gradient norm, lr used)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.log(f"step {step}: non-finite loss or gradient ({loss.item()}, {grad_norm.item()}); update skipped")
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise LorafitError(f"{self.nonfinite_in_a_row} non-finite steps in a row: the run diverged; "
+                                   f"lower train.lr (now {lr:g}) or check the data")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+
+def stop_early(stop, output_dir, step: int, log) -> None:
+    """After the checkpoint of a stop before the last step: raises TrainingInterrupted for a signal, else
+    (stop_at_step) says how to resume."""
+    message = (f"stopped after step {step}; checkpoint saved. Resume with: "
+               f"lorafit train CONFIG --resume  (train.output_dir={output_dir})")
+    if stop.requested:
+        raise TrainingInterrupted(message)
+    log(message)
+
+
+def finish_run(model, tokenizer, output_dir, advice_table: str, summary: dict) -> Path:
+    """Saves the final adapter (PEFT format) or model, writes report.md; returns the saved directory."""
+    output_dir = Path(output_dir)
+    if getattr(model, "lora_config", None) is not None:
+        final = save_adapter(model, output_dir / "adapter")
+    else:
+        from ..models.saving import save_model
+
+        final = save_model(model, tokenizer, output_dir / "model")
+    if getattr(tokenizer, "chat_template", None):
+        tokenizer.save_pretrained(final)  # the template the model was trained with travels with it
+    write_report(output_dir, advice_table, {**summary, "final output": final})
+    model.eval()
+    return final
+
+
+def windows(data, t, start_epoch: int, start_window: int):
+    """(epoch, window index, micro-batches) for every optimizer step from the given position on.
+
+    A window is grad_accum consecutive micro-batches of one epoch (the last of an epoch may be shorter);
+    epochs continue past train.epochs when max_steps asks for more steps.
+    """
+    epoch, window = start_epoch, start_window
+    per_epoch = data.num_batches(t.batch_size)
+    while True:
+        if window * t.grad_accum >= per_epoch:
+            epoch, window = epoch + 1, 0
+        batches = data.batches(t.batch_size, epoch=epoch, seed=t.seed, start=window * t.grad_accum)
+        while True:
+            micro = [b for _, b in zip(range(t.grad_accum), batches)]
+            if not micro:
+                break
+            yield epoch, window, micro
+            window += 1
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT / SIGTERM finish the current optimizer step, save and stop; a second SIGINT stops at once."""
+    flag = _StopFlag()
+
+    def handler(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals cannot be caught here, nothing to restore
+        previous = {}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
