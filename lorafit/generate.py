@@ -49,15 +49,31 @@ def generate_ids(
     padded = any(len(p) < L for p in prompts)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
-    cache = KVCache.for_model(model, B, L + max_new_tokens)
+    # A prompt repeated in the batch (GRPO samples G completions of each) is read once: its cache rows are
+    # then copied to every sequence that continues it. For 2 prompts x 8 of 46 tokens this saves ~2 s of a
+    # ~9 s rollout of SmolLM2 on 2 CPU cores: the prompt pass of 736 rows becomes one of 92.
+    slot: dict[tuple, int] = {}  # prompt -> its row among the distinct ones
+    distinct, copy_from = [], []
+    for i, p in enumerate(prompts):
+        if tuple(p) not in slot:
+            slot[tuple(p)] = len(distinct)
+            distinct.append(i)
+        copy_from.append(slot[tuple(p)])
+    distinct = torch.tensor(distinct, device=device)  # (U,) rows whose prompts are read
+    copy_from = torch.tensor(copy_from, device=device)  # (B,) each sequence's row among those U
+
+    cache = KVCache.for_model(model, len(distinct), L + max_new_tokens)
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
     # Every decoding step multiplies B rows by each weight: on CPU, weights packed for B rows do that ~2x
-    # faster (nn/linear.py). The prompt's pass has B x L rows and takes the plain path.
+    # faster (nn/linear.py). The prompt's pass has U x L rows and takes the plain path.
     with prepacked_weights(model, rows=B) if max_new_tokens > 1 else contextlib.nullcontext():
-        mask = padding[:, :L] if padded else None
-        logits = model(input_ids, attention_mask=mask, cache=cache, last_logits_only=True).logits
+        mask = padding[distinct, :L] if padded else None
+        logits = model(input_ids[distinct], attention_mask=mask, cache=cache, last_logits_only=True).logits
+        if len(distinct) < B:
+            cache.select(copy_from)
+            logits = logits[copy_from]
         for steps in range(1, max_new_tokens + 1):
             token = sample(logits[:, -1], sampling, generator)  # (B,)
             token = token.masked_fill(finished, pad_id)
@@ -90,7 +106,14 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Te
         drop_sorted = probs.cumsum(-1) - probs > sampling.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform number per row against the running sum of the probabilities.
+    # torch.multinomial draws an exponential per vocabulary entry: 20 ms of a 250 ms decoding step for 16
+    # rows of SmolLM2's 49k vocabulary on 2 CPU cores, against ~1 ms for the cumsum and search.
+    # side="right" picks the first token whose running sum passes u, so a token of probability 0 (cut by
+    # top-k / top-p) is never picked, even for u = 0.
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, side="right").clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.lora_linear import lora_linear, swiglu_lora_linear
-from .nn.linear import Linear
+from .nn.linear import Linear, can_prepack
 
 TARGET_GROUPS = {
     "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -65,10 +65,13 @@ class LoRALinear(nn.Module):
                 norms = torch.linalg.norm(base_weight(base_layer).float(), dim=1)
             self.lora_magnitude_vector = nn.Parameter(norms.to(dtype))
         self.disabled = False  # True: behave exactly as the base layer (the DPO reference model)
+        self.decode_rows = 0  # > 0 inside nn.linear.prepacked_weights: the base holds a packed merged weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x)
+        if self.decode_rows and x.numel() == self.decode_rows * self.in_features:
+            return self.base_layer(x)  # the packed W + s·BA; other row counts take the path below, on W
         if torch.is_grad_enabled() and self._fused_path_applies(x):
             # Training: one autograd function that keeps no copies of x (kernels/lora_linear.py).
             return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
@@ -106,6 +109,20 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         return (isinstance(base, nn.Linear) and not base.weight.requires_grad and x.dtype == base.weight.dtype
                 and isinstance(self.lora_dropout, nn.Identity) and self.lora_magnitude_vector is None)
+
+    def can_pack_merged(self) -> bool:
+        """Whether CPU decoding can run this layer as one packed W + s·BA (nn/linear.py): a float32 base,
+        adapters on, and no dropout in effect."""
+        return (isinstance(self.base_layer, Linear) and can_prepack(self.base_layer.weight) and not self.disabled
+                and self.lora_A.weight.dtype == self.base_layer.weight.dtype
+                and (not self.training or isinstance(self.lora_dropout, nn.Identity)))
+
+    def pack_merged(self, rows: int, backend: str = "mkl") -> None:
+        """Packs W + s·BA into the base layer for `rows`-row inputs; repacked when any of the weights changed."""
+        params = [p for p in (self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector) if p is not None]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        self.base_layer.pack(rows, backend, self.merged_weight, key)
+        self.decode_rows = rows
 
     def row_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """||W + scaling·B·A|| per output row, detached (DoRA §4.3)."""

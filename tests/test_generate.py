@@ -85,3 +85,23 @@ def test_sample_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert set(sample(logits, Sampling(temperature=1.0, top_p=0.5), g).tolist()) == {0}
     with pytest.raises(ValueError):
         Sampling(temperature=-1)
+
+
+def test_sampled_tokens_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    logits = probs.log().repeat(20000, 1)
+    tokens = sample(logits, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)  # 20k draws: std of a share <= 0.0035
+    assert freq[1] == 0  # probability 0 is never drawn
+
+
+def test_repeated_prompts_are_read_once_and_continue_independently(smollm2):
+    """GRPO's batches: the same prompt G times. Its cache is computed once and copied; greedy continuations
+    equal those of a batch without repeats, and sampled ones differ between the copies."""
+    model, tokenizer = smollm2
+    a, b = encode_prompt(tokenizer, "Once upon a time"), encode_prompt(tokenizer, "The capital of France is")
+    greedy = generate_ids(model, [a, b], 12)
+    assert generate_ids(model, [a, a, b, a, b], 12) == [greedy[0], greedy[0], greedy[1], greedy[0], greedy[1]]
+    sampled = generate_ids(model, [a] * 4, 12, Sampling(temperature=1.0), generator=torch.Generator().manual_seed(0))
+    assert len({tuple(s) for s in sampled}) > 1

@@ -34,6 +34,7 @@ class KVCache:
         self.length += num_tokens
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keeps only the batch rows `rows` (sequences that finished are dropped from further steps)."""
+        """Keeps the batch rows `rows`, in that order; a row named twice is copied (one prompt's cache for
+        several sampled continuations)."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
