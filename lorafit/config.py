@@ -394,6 +394,10 @@ class Config:
                 object.__setattr__(self, name, _section_from_dict(name, value))
             elif not isinstance(value, cls):
                 raise ConfigError(f"{name} must be a mapping of settings or a {cls.__name__}, got {_show(value)}")
+        budget = self.grpo.max_prompt_length + self.grpo.max_completion_length
+        if self.train.recipe == "grpo" and budget > self.model.max_seq_length:
+            raise ConfigError(f"grpo: max_prompt_length + max_completion_length = {budget} tokens exceed "
+                              f"model.max_seq_length = {self.model.max_seq_length}; raise it or lower them")
         completions = self.train.batch_size * self.train.grad_accum
         if self.train.recipe == "grpo" and completions % self.grpo.num_generations:
             accum = math.lcm(completions, self.grpo.num_generations) // self.train.batch_size

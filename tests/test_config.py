@@ -223,3 +223,16 @@ def test_example_configs_are_the_promised_ones():
     assert demo.model.source == "default" and demo.data.path is None and demo.finetune.method == "lora"
     assert Config.from_yaml(CONFIGS[0].parent / "sft-qlora.yaml").quantize == "nf4"
     assert Config.from_yaml(CONFIGS[0].parent / "sft-full.yaml").resolved_lr() == 2e-5
+
+
+def test_grpo_settings_that_cannot_work_together_are_refused():
+    with pytest.raises(ConfigError, match=r"batch_size x grad_accum = 12 completions, which must be whole groups of "
+                                          r"grpo.num_generations = 8 \(e.g. batch_size 2 and grad_accum 12\)"):
+        Config.from_dict({"train": {"recipe": "grpo", "grad_accum": 6}})
+    with pytest.raises(ConfigError, match=r"max_prompt_length \+ max_completion_length = 1280 tokens exceed "
+                                          r"model.max_seq_length = 1024"):
+        Config.from_dict({"train": {"recipe": "grpo"}, "model": {"max_seq_length": 1024},
+                          "grpo": {"max_completion_length": 768}})
+    with pytest.raises(ConfigError, match=r"grpo.reward_weights must be null or a list of 2 numbers"):
+        Config.from_dict({"grpo": {"rewards": ["numeric_answer", "answer_format"], "reward_weights": [1.0]}})
+    Config.from_dict({"train": {"recipe": "sft", "grad_accum": 6}})  # only GRPO counts completions
