@@ -9,8 +9,8 @@ import torch
 import lorafit
 from lorafit.data.preference import collate_pairs, load_preference_dataset
 from lorafit.errors import DataError
-from lorafit.training.reference import ReferenceModel
 from lorafit.losses.dpo import SequenceLogps, dpo_loss, sequence_logps
+from lorafit.training.reference import ReferenceModel
 
 
 def _logps(values, counts=(3, 4, 5, 6)):
@@ -199,3 +199,29 @@ def test_long_prompts_keep_their_end_and_answers_fill_the_rest(tmp_path, smollm2
     pair = data.train[0]
     assert len(pair.prompt) == 32 and "FINAL QUESTION" in tokenizer.decode(pair.prompt)
     assert len(pair.prompt) + len(pair.chosen) == 64 and data.truncated == {"prompts": 1, "answers": 1}
+
+
+def test_dpo_trains_the_tiny_real_model(tmp_path):
+    """stories260K (a real 260K-parameter Llama, no chat template: lorafit's fallback renders the pairs)
+    learns to prefer the chosen answers of its own training pairs within a few steps."""
+    import warnings
+    from pathlib import Path
+
+    from lorafit import Config
+    from lorafit.recipes import train
+
+    stories = Path(__file__).parent / "assets" / "stories260K-v1.gguf"
+    data = tmp_path / "pairs.json"
+    rows = [{"prompt": f"Tell me about the {animal}.", "chosen": f"The {animal} was happy and played all day.",
+             "rejected": f"The {animal} was sad."} for animal in ("cat", "dog", "bird", "fish", "frog", "bear")]
+    data.write_text(json.dumps(rows))
+    model = {"source": str(stories), "dtype": "float32", "max_seq_length": 64}
+    config = Config.from_dict({"model": model}).with_overrides([
+        "train.recipe=dpo", f"data.path={data}", "train.max_steps=6", "train.batch_size=2", "train.grad_accum=1",
+        "train.lr=5e-3", f"train.output_dir={tmp_path / 'dpo'}", "train.save_every=0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback chat template's warning
+        result = train(config, log=lambda *_: None, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as the reference
+    assert result.losses[-1] < result.losses[0] and rows[-1]["rewards/margins"] > 0

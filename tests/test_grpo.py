@@ -185,9 +185,10 @@ def test_example_configs_run_in_tiny_form(tmp_path):
 
     root = Path(__file__).parent.parent
     for name in ("grpo-chain-sum", "grpo-gsm8k"):
-        config = Config.from_yaml(root / "configs" / f"{name}.yaml", [
+        path = root / "configs" / f"{name}.yaml"
+        config = Config.from_yaml(path, [
             f"model.source={STORIES}", "model.dtype=float32", "train.max_steps=1", "train.batch_size=4",
             "train.grad_accum=2", "grpo.max_completion_length=8", f"train.output_dir={tmp_path / name}",
-            "data.eval_fraction=0.01", f"data.path={root / Config.from_yaml(root / 'configs' / f'{name}.yaml').data.path}"])
+            "data.eval_fraction=0.01", f"data.path={root / Config.from_yaml(path).data.path}"])
         result = run_recipe(config)
         assert result.steps == 1 and math.isfinite(result.losses[0])
