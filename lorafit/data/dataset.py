@@ -154,7 +154,7 @@ def load_sft_dataset(
             f"{stats.unlabelled} with no label left after truncation); raise max_seq_length"
         )
 
-    train, held_out = _split(examples, eval_fraction, seed, name)
+    train, held_out = hold_out(examples, eval_fraction, seed, name)
     stats.train_examples, stats.eval_examples = len(train), len(held_out)
     train_rows, eval_rows = _rows(train, max_seq_length, packing), _rows(held_out, max_seq_length, packing)
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
@@ -169,16 +169,16 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def _split(examples: list[Example], eval_fraction: float, seed: int, name: str):
+def hold_out(items: list, eval_fraction: float, seed: int, name, what: str = "examples") -> tuple[list, list]:
+    """(train, held out): eval_fraction of the items (at least one when it is > 0), chosen by `seed`. Both
+    splits keep file order, so packing (in order) stays deterministic and neighbours stay together."""
     if eval_fraction == 0:
-        return examples, []
-    n_eval = max(1, round(len(examples) * eval_fraction))
-    if n_eval >= len(examples):
-        raise DataError(f"{name}: {len(examples)} examples are too few to hold out eval_fraction={eval_fraction}")
-    held = set(random.Random(f"lorafit-eval-split:{seed}").sample(range(len(examples)), n_eval))
-    # Both splits keep file order, so packing (in order) stays deterministic and neighbours stay together.
-    train = [e for i, e in enumerate(examples) if i not in held]
-    return train, [e for i, e in enumerate(examples) if i in held]
+        return items, []
+    n_eval = max(1, round(len(items) * eval_fraction))
+    if n_eval >= len(items):
+        raise DataError(f"{name}: {len(items)} {what} are too few to hold out eval_fraction={eval_fraction}")
+    held = set(random.Random(f"lorafit-eval-split:{seed}").sample(range(len(items)), n_eval))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def _rows(examples: list[Example], max_seq_length: int, packing: bool) -> list[list[Example]]:

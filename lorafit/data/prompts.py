@@ -15,12 +15,11 @@ a tokenizer without a template gets the fallback of data/chat.py, as in SFT.
         ...   # items[i].prompt_ids to generate from; items[i].prompt and items[i].columns for the rewards
 """
 
-import random
 from dataclasses import dataclass, field
 
 from ..errors import DataError
 from .chat import ChatTemplate
-from .dataset import batch_order
+from .dataset import batch_order, hold_out
 from .files import read_rows
 
 LAYOUTS = '{"prompt": text or messages, ...} (TRL) or {"question": text, "answer": text, ...} (GSM8K, reasoning-gym)'
@@ -111,7 +110,7 @@ def load_prompt_dataset(path, tokenizer, max_prompt_length: int, eval_fraction: 
             raise DataError(f"{path}: no row has a prompt; its first row has {found}; accepted layouts: {LAYOUTS}")
         raise DataError(f"{path}: no usable prompt ({skipped[too_long]} {too_long}, {skipped[no_prompt]} "
                         f"{no_prompt}); raise max_prompt_length")
-    train, held_out = _split(items, eval_fraction, seed, path)
+    train, held_out = hold_out(items, eval_fraction, seed, path, what="usable prompts")
     return PromptDataset(train, held_out, skipped)
 
 
@@ -141,14 +140,3 @@ def _message(where: str, message) -> dict:
         raise DataError(f"{where}: each message of 'prompt' needs a role ({', '.join(ROLES)}) and text content, "
                         f"got {message!r:.80}")
     return {"role": message["role"], "content": message["content"]}
-
-
-def _split(items: list[PromptItem], eval_fraction: float, seed: int, path) -> tuple[list, list]:
-    """Held-out items chosen by `seed`, the same way SFT chooses them; both splits keep file order."""
-    if eval_fraction == 0:
-        return items, []
-    n_eval = max(1, round(len(items) * eval_fraction))
-    if n_eval >= len(items):
-        raise DataError(f"{path}: {len(items)} usable prompts are too few to hold out eval_fraction={eval_fraction}")
-    held = set(random.Random(f"lorafit-eval-split:{seed}").sample(range(len(items)), n_eval))
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
