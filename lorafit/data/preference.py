@@ -16,6 +16,7 @@ import torch
 
 from ..errors import DataError
 from .chat import ChatTemplate
+from .dataset import hold_out
 from .files import read_rows
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -103,11 +104,7 @@ def load_preference_dataset(path, tokenizer, max_seq_length: int, eval_fraction:
         pairs.append(PreferencePair(prompt_ids, answers[0][:room], answers[1][:room]))
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs ({', '.join(f'{n} {w}' for w, n in skipped.items())})")
-    held_out = round(len(pairs) * eval_fraction)
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    eval_pairs = [pairs[i] for i in sorted(order[:held_out])]
-    train_pairs = [pairs[i] for i in sorted(order[held_out:])]
+    train_pairs, eval_pairs = hold_out(pairs, eval_fraction, seed, path, what="usable pairs")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return PreferenceDataset(train_pairs, eval_pairs, skipped, pad, truncated)
 
