@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .logps import token_logps
+
 LOSSES = ("sigmoid", "ipo")
 
 
@@ -24,12 +26,8 @@ class SequenceLogps:
 
 def sequence_logps(model, batch: dict, device) -> SequenceLogps:
     """Log-probabilities of the labelled (answer) tokens of each sequence of a collated preference batch."""
-    labels = batch["labels"].to(device)
-    # Only the answer positions reach the output layer: never the (2B, S, V) logits of prompts and padding.
-    token_losses = model(batch["input_ids"].to(device), labels=labels,
-                         attention_mask=batch["attention_mask"].to(device),
-                         loss_reduction="none").loss  # (2B, S-1): -log p of each answer token, 0 elsewhere
-    return SequenceLogps(-token_losses.sum(-1), (labels[:, 1:] != -100).sum(-1))
+    logps, mask = token_logps(model, batch, device)  # (2B, S-1)
+    return SequenceLogps(logps.sum(-1), mask.sum(-1))
 
 
 def dpo_loss(policy: SequenceLogps, reference: SequenceLogps, beta: float, loss_type: str = "sigmoid"):

@@ -25,12 +25,13 @@ from ..errors import LorafitError
 from ..generate import Sampling, stop_token_ids
 from ..lora import count_parameters
 from ..losses.grpo import grpo_loss
+from ..losses.logps import token_logps
 from ..rewards import resolve_reward_functions, score_completions
 from ..training.checkpoint import save_checkpoint
 from ..training.loop import (OptimizerStep, TrainResult, finish_run, load_trainee, open_run, progress_bar,
                              stop_early, stop_requests)
 from ..training.optim import build_optimizer
-from ..training.rollout import build_rollout, decode, generate_completions, token_logps, training_batches
+from ..training.rollout import build_rollout, decode, generate_completions, training_batches
 from ..training.schedule import build_scheduler
 
 EVAL_BATCH_PROMPTS = 32  # held-out prompts decoded together: one batch for the 64 of the chain_sum example

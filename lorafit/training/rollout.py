@@ -103,12 +103,3 @@ def training_batches(rollout: Rollout, batch_size: int, pad_id: int) -> list[dic
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                         "advantages": rollout.advantages[list(rows)]})
     return batches
-
-
-def token_logps(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (log-probabilities (B, T-1) of each next token, 0 off the completion; completion mask (B, T-1))."""
-    labels = batch["labels"].to(device)
-    token_losses = model(batch["input_ids"].to(device), labels=labels,
-                         attention_mask=batch["attention_mask"].to(device), loss_reduction="none").loss  # (B, T-1)
-
-    return -token_losses, labels[:, 1:] != -100
