@@ -51,7 +51,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a directory written by anchor_bench.py make-model")
     p.add_argument("--checkpointing", default="none", choices=["none", "layers", "offload"])
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="GiB: lorafit plans the checkpointing itself (train.activation_checkpointing: auto)")
     p.add_argument("--no-kernels", action="store_true", help="the plain PyTorch path (before/after)")
+    p.add_argument("--disable-kernels", nargs="*", default=[], help="some of them off (CausalLM.KERNELS)")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--grad-accum", type=int, default=8)
@@ -76,7 +79,17 @@ def main() -> None:
     for p in trainable:  # as the SFT recipe keeps them: float32 masters
         p.data = p.data.float()
     model.activation_checkpointing = args.checkpointing
+    tokens = args.micro_batch * args.seq_len
+    if args.memory_budget is not None:
+        from lorafit.memory import GiB, estimate_training_memory, plan_checkpointing
+
+        model.activation_checkpointing = plan_checkpointing(model, tokens, int(args.memory_budget * GiB), True)
+        estimate = estimate_training_memory(model, tokens, model.activation_checkpointing)
+        print(f"plan for {args.memory_budget} GiB: {model.activation_checkpointing.count('offload')} layers "
+              f"offloaded; estimated {estimate.summary()}")
     model.kernels = not args.no_kernels
+    if args.disable_kernels:
+        model.disable_kernels(args.disable_kernels)
     model.train()
 
     g = torch.Generator().manual_seed(args.seed)
@@ -106,14 +119,18 @@ def main() -> None:
     timed = times[args.warmup:]
     tokens_per_s = args.micro_batch * args.seq_len * args.grad_accum * len(timed) / sum(timed)
     mfu = model_flops_per_token(cfg, 16, args.seq_len) * tokens_per_s / (peak * 1e12)
+    modes = model.activation_checkpointing
+    checkpointing = modes if isinstance(modes, str) else f"{modes.count('offload')} of {len(modes)} offloaded"
     row = {
-        "system": "lorafit", "model": Path(args.model).name, "checkpointing": args.checkpointing,
-        "kernels": not args.no_kernels,
+        "system": "lorafit", "model": Path(args.model).name, "checkpointing": checkpointing,
+        "memory_budget_GiB": args.memory_budget,
+        "kernels": not args.no_kernels, "disabled_kernels": args.disable_kernels,
         "tokens_per_s": round(tokens_per_s), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu": round(mfu, 3), "peak_tflops": round(peak), "losses": [round(x, 4) for x in losses],
         "load_s": round(load_s, 1),
     }
-    label = f"{args.checkpointing}{'' if model.kernels else ', no kernels'}"
+    label = f"{checkpointing}{'' if model.kernels else ', no kernels'}" + \
+        "".join(f", no {name}" for name in args.disable_kernels)
     print(f"| {row['model']} | lorafit ({label}) | {row['tokens_per_s']} | {row['peak_alloc_GiB']} GiB "
           f"| MFU {100 * mfu:.1f}% |")
     record("gpu_anchor", [row], results=args.results or RESULTS, micro_batch=args.micro_batch,

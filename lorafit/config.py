@@ -29,7 +29,8 @@ from .models.loading import DTYPES
 MODEL_DTYPES = ("auto", *DTYPES)
 RECIPES = ("sft", "dpo", "grpo")
 SCHEDULERS = ("linear", "cosine")
-ACTIVATION_CHECKPOINTING = ("none", "layers", "offload")  # lorafit.nn.checkpointing.MODES
+ACTIVATION_CHECKPOINTING = ("auto", "none", "layers", "offload")  # auto, then lorafit.nn.checkpointing.MODES
+KERNELS = ("rms_norm", "rope", "swiglu", "lora_mlp", "cross_entropy")  # lorafit.models.llama.CausalLM.KERNELS
 DPO_LOSSES = ("sigmoid", "ipo")  # lorafit.losses.dpo.LOSSES
 GRPO_NORMALISATIONS = ("token", "sequence", "dr_grpo")  # lorafit.losses.grpo.NORMALISATIONS
 ON_REWARD_ERROR = ("stop", "skip")
@@ -286,8 +287,13 @@ class TrainSection:
     save_every: int = 100  # optimizer steps between checkpoints; 0: only the final one
     log_every: int = 1  # optimizer steps between log lines
     # What decoder layers keep for backward: none (fastest), layers (recompute each layer: about a third
-    # more compute, a fraction of the memory), offload (as layers, the kept inputs in CPU memory; GPU only).
-    activation_checkpointing: str = "none"
+    # more compute, a fraction of the memory), offload (as layers, the kept inputs in CPU memory; GPU only),
+    # auto (GPU: as few layers offloaded as memory_budget_gib needs, lorafit/memory.py; CPU: none).
+    activation_checkpointing: str = "auto"
+    memory_budget_gib: float | None = None  # auto's budget; null: the GPU's memory less 5%
+    # Fused GPU kernels to switch off (CPU always runs plain PyTorch), for debugging or before/after numbers:
+    # rms_norm, rope, swiglu, lora_mlp (the LoRA MLP as one function), cross_entropy (chunked, with lm_head).
+    disable_kernels: tuple[str, ...] = ()
 
     def __post_init__(self):
         check = _Checker("train", self)
@@ -307,6 +313,8 @@ class TrainSection:
         check.integer("save_every", minimum=0)
         check.integer("log_every", minimum=1)
         check.choice("activation_checkpointing", ACTIVATION_CHECKPOINTING)
+        check.number("memory_budget_gib", low=0, low_open=True, nullable=True)
+        check.names("disable_kernels", KERNELS)
 
 
 @dataclass(frozen=True)

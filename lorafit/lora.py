@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.lora_linear import lora_linear, swiglu_lora_linear
+from .kernels.lora_linear import compute_adapters, lora_linear, swiglu_lora_linear
 from .nn.linear import Linear, can_prepack
 
 TARGET_GROUPS = {
@@ -66,6 +66,7 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norms.to(dtype))
         self.disabled = False  # True: behave exactly as the base layer (the DPO reference model)
         self.decode_rows = 0  # > 0 inside nn.linear.prepacked_weights: the base holds a packed merged weight
+        self._adapters_seen, self._compute_adapters = None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
@@ -75,7 +76,7 @@ class LoRALinear(nn.Module):
         if torch.is_grad_enabled() and self._fused_path_applies(x):
             # Training: one autograd function that keeps no copies of x (kernels/lora_linear.py).
             return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
-                               self.lora_B.weight, self.scaling)
+                               self.lora_B.weight, self.scaling, self.compute_adapters(x.dtype))
         y = self.base_layer(x)
         # Adapters train in float32 over a bf16 base: outside autocast the input meets them in their dtype
         # and the update returns in the base's. (Under autocast both are already the autocast dtype.)
@@ -102,8 +103,18 @@ class LoRALinear(nn.Module):
         """self(silu(gate) * up); in training the product is recomputed in backward instead of being kept."""
         if torch.is_grad_enabled() and not self.disabled and self._fused_path_applies(gate):
             return swiglu_lora_linear(gate, up, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
-                                      self.lora_B.weight, self.scaling)
+                                      self.lora_B.weight, self.scaling, self.compute_adapters(gate.dtype))
         return self(torch.ops.lorafit.swiglu(gate, up))
+
+    def compute_adapters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, scaling * B) in `dtype`, made again only when the adapters changed (an optimizer step or a load
+        bumps their version) rather than cast on every call."""
+        seen = (dtype, self.scaling) + tuple((p.data_ptr(), p._version) for p in (self.lora_A.weight,
+                                                                                  self.lora_B.weight))
+        if seen != self._adapters_seen:
+            self._compute_adapters = compute_adapters(self.lora_A.weight, self.lora_B.weight, self.scaling, dtype)
+            self._adapters_seen = seen
+        return self._compute_adapters
 
     def _fused_path_applies(self, x: torch.Tensor) -> bool:
         base = self.base_layer

@@ -60,3 +60,29 @@ def test_offloaded_layers_give_the_same_loss_and_gradients_on_gpu():
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0)
+
+
+def test_a_plan_per_layer_gives_the_same_loss_and_gradients():
+    model = _lora_model()
+    loss, grads = _loss_and_grads(model, "none")
+    n = model.config.num_layers
+    loss2, grads2 = _loss_and_grads(model, ["offload"] * (n - 1) + ["none"])
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_offloading_some_layers_equals_keeping_all_on_gpu():
+    """The first layers offloaded, fetched ahead in backward (OffloadChain), the last ones kept."""
+    model = _lora_model("cuda", torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    n = model.config.num_layers
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, "none", "cuda")
+        loss2, grads2 = _loss_and_grads(model, ["offload"] * (n - 1) + ["none"], "cuda")
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0)

@@ -25,6 +25,8 @@ from lorafit.kernels.swiglu import swiglu, swiglu_triton  # noqa: E402
 from lorafit.nn.rope import RopeConfig, RotaryEmbedding  # noqa: E402
 
 EPS = 1e-6
+# The kernel tests' small odd shapes: compiled on a GPU when there is one, in the interpreter otherwise.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
@@ -87,7 +89,7 @@ NORM_SHAPES = [(37, 200), (2, 3, 4100)]
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "lora"])
 def test_rms_norm_kernel(dtype, shape, weight_trains):
-    x, _, weight, (grad, _) = norm_inputs(shape, dtype)
+    x, _, weight, (grad, _) = norm_inputs(shape, dtype, KERNEL_DEVICE)
     check(
         lambda x, w: rms_norm_triton(x, w, EPS),
         lambda x, w: reference.rms_norm(x, w, EPS),
@@ -100,7 +102,7 @@ def test_rms_norm_kernel(dtype, shape, weight_trains):
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "lora"])
 def test_add_rms_norm_kernel(dtype, shape, weight_trains):
     # Both outputs carry a gradient: the normed one into the next block, the total along the residual stream.
-    x, residual, weight, grads = norm_inputs(shape, dtype)
+    x, residual, weight, grads = norm_inputs(shape, dtype, KERNEL_DEVICE)
     check(
         lambda x, r, w: add_rms_norm_triton(x, r, w, EPS),
         lambda x, r, w: reference.add_rms_norm(x, r, w, EPS),
@@ -112,16 +114,17 @@ def test_add_rms_norm_kernel(dtype, shape, weight_trains):
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "halves_of_one_projection"])
 def test_swiglu_kernel(dtype, fused):
     # (3, 13, 200): 39 rows of a 256-wide block. gate values up to ~±16 reach both of sigmoid's flat ends.
-    grad = randn(3, 13, 200, dtype=dtype, seed=2)
+    grad = randn(3, 13, 200, dtype=dtype, device=KERNEL_DEVICE, seed=2)
     if fused:  # gate and up as the two halves of one (3, 13, 400) output: row stride 400, not 200
 
         def halves(fn):
             return lambda gate_up: fn(*gate_up.chunk(2, dim=-1))
 
-        gate_up = randn(3, 13, 400, dtype=dtype, scale=4.0, seed=1)
+        gate_up = randn(3, 13, 400, dtype=dtype, device=KERNEL_DEVICE, scale=4.0, seed=1)
         check(halves(swiglu_triton), halves(reference.swiglu), [gate_up], [True], [grad])
     else:
-        gate, up = randn(3, 13, 200, dtype=dtype, scale=4.0, seed=1), randn(3, 13, 200, dtype=dtype, seed=3)
+        gate = randn(3, 13, 200, dtype=dtype, device=KERNEL_DEVICE, scale=4.0, seed=1)
+        up = randn(3, 13, 200, dtype=dtype, device=KERNEL_DEVICE, seed=3)
         check(swiglu_triton, reference.swiglu, [gate, up], [True, True], [grad])
 
 
@@ -131,19 +134,20 @@ B, T, H, HKV, D = 2, 7, 5, 3, 24  # D / 2 = 12 of a 16-wide block, 5 and 3 heads
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["separate", "views_of_qkv"])
 def test_rope_kernel(dtype, layout):
-    cos, signed_sin = rope_tables(B, T, D, dtype)
+    cos, signed_sin = rope_tables(B, T, D, dtype, KERNEL_DEVICE)
     # Gradients as attention's backward hands them over: (B, H, T, D) memory seen as (B, T, H, D).
-    grad_q = randn(B, H, T, D, dtype=dtype, seed=3).transpose(1, 2)
-    grad_k = randn(B, HKV, T, D, dtype=dtype, seed=4).transpose(1, 2)
+    grad_q = randn(B, H, T, D, dtype=dtype, device=KERNEL_DEVICE, seed=3).transpose(1, 2)
+    grad_k = randn(B, HKV, T, D, dtype=dtype, device=KERNEL_DEVICE, seed=4).transpose(1, 2)
     if layout == "separate":
-        q, k = randn(B, T, H, D, dtype=dtype, seed=1), randn(B, T, HKV, D, dtype=dtype, seed=2)
+        q = randn(B, T, H, D, dtype=dtype, device=KERNEL_DEVICE, seed=1)
+        k = randn(B, T, HKV, D, dtype=dtype, device=KERNEL_DEVICE, seed=2)
         check(
             lambda q, k: rope_triton(q, k, cos, signed_sin),
             lambda q, k: reference.rope(q, k, cos, signed_sin),
             [q, k], [True, True], [grad_q, grad_k],
         )
     else:  # q and k as views into one fused (B, T, (H + 2 Hkv) * D) projection output; tables of batch 1
-        qkv = randn(B, T, H + 2 * HKV, D, dtype=dtype, seed=1)
+        qkv = randn(B, T, H + 2 * HKV, D, dtype=dtype, device=KERNEL_DEVICE, seed=1)
         cos, signed_sin = cos[:1], signed_sin[:1]
 
         def split(fn):
@@ -153,12 +157,14 @@ def test_rope_kernel(dtype, layout):
 
 
 def test_kernels_take_empty_inputs():
-    x, weight = torch.zeros(0, 3, 8, requires_grad=True), torch.ones(8, requires_grad=True)
+    x = torch.zeros(0, 3, 8, device=KERNEL_DEVICE, requires_grad=True)
+    weight = torch.ones(8, device=KERNEL_DEVICE, requires_grad=True)
     out, total = add_rms_norm_triton(x, x, weight, EPS)
     (out.sum() + rms_norm_triton(x, weight, EPS).sum() + swiglu_triton(x, x).sum()).backward()
-    assert total.shape == x.shape and x.grad.shape == x.shape and torch.equal(weight.grad, torch.zeros(8))
-    q = torch.zeros(0, 5, 2, 8, requires_grad=True)
-    q_rot, k_rot = rope_triton(q, q, torch.ones(1, 5, 8), torch.zeros(1, 5, 8))
+    assert total.shape == x.shape and x.grad.shape == x.shape and torch.equal(weight.grad, torch.zeros(8, device=KERNEL_DEVICE))
+    q = torch.zeros(0, 5, 2, 8, device=KERNEL_DEVICE, requires_grad=True)
+    ones, zeros = torch.ones(1, 5, 8, device=KERNEL_DEVICE), torch.zeros(1, 5, 8, device=KERNEL_DEVICE)
+    q_rot, k_rot = rope_triton(q, q, ones, zeros)
     (q_rot.sum() + k_rot.sum()).backward()
     assert q.grad.shape == q.shape
 

@@ -46,6 +46,23 @@ def test_the_kernels_switch_reaches_every_fused_module():
     assert all(m.fused for m in model.modules() if hasattr(type(m), "fused"))
 
 
+def test_each_kernel_switches_off_alone():
+    from lorafit.models.llama import MLP, Attention
+    from lorafit.nn.norm import RMSNorm
+
+    model = _lora_model("llama", "cpu", torch.float32)
+    model.disable_kernels(["swiglu", "cross_entropy"])
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert not any(m.fused for m in mlps) and all(m.fused_lora for m in mlps) and not model.lm_head_fused
+    assert all(m.fused for m in model.modules() if isinstance(m, (RMSNorm, Attention)))
+    with pytest.raises(ValueError, match="unknown kernels"):
+        model.disable_kernels(["swigloo"])
+    config = lorafit.Config().with_overrides(["train.disable_kernels=[lora_mlp, rope]"])
+    assert config.train.disable_kernels == ("lora_mlp", "rope")
+    with pytest.raises(lorafit.ConfigError, match="disable_kernels"):
+        lorafit.Config().with_overrides(["train.disable_kernels=[flash]"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_fused_model_equals_plain_model_float32(family):

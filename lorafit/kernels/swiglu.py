@@ -41,7 +41,7 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(
         grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr,
-        n_cols, grad_out_stride, gate_stride, up_stride,
+        n_cols, grad_out_stride, gate_stride, up_stride, grad_gate_stride, grad_up_stride,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -54,8 +54,9 @@ if triton is not None:
         # d silu / d gate = sigmoid * (1 + gate * (1 - sigmoid))
         grad_gate = grad_out * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
         grad_up = grad_out * gate * sigmoid
-        tl.store(grad_gate_ptr + row * n_cols + cols, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_up_ptr + row * n_cols + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_gate_ptr + row * grad_gate_stride + cols, grad_gate.to(grad_gate_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(grad_up_ptr + row * grad_up_stride + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -96,14 +97,19 @@ def _backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> t
     """Triton. -> (grad_gate, grad_up), new contiguous tensors."""
     grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     grad_up = torch.empty_like(grad_gate)
+    _backward_into(grad_out, gate, up, grad_gate.view(-1, gate.shape[-1]), grad_up.view(-1, gate.shape[-1]))
+    return grad_gate, grad_up
+
+
+def _backward_into(grad_out, gate, up, grad_gate: torch.Tensor, grad_up: torch.Tensor) -> None:
+    """Triton. Writes the gradients into (N, I) views with unit column stride (two halves of one buffer)."""
     grad_out2, gate2, up2 = _rows(grad_out), _rows(gate), _rows(up)  # (N, I)
     if gate2.numel() > 0:
         _backward_kernel[_grid(*gate2.shape)](
             grad_out2, gate2, up2, grad_gate, grad_up,
-            gate2.shape[1], grad_out2.stride(0), gate2.stride(0), up2.stride(0),
-            BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+            gate2.shape[1], grad_out2.stride(0), gate2.stride(0), up2.stride(0), grad_gate.stride(0),
+            grad_up.stride(0), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
-    return grad_gate, grad_up
 
 
 class _SwiGLUTriton(torch.autograd.Function):
@@ -157,6 +163,22 @@ def _(grad_out, gate, up):
 def _(grad_out, gate, up):
     grad_gate = torch.empty_like(gate, memory_format=torch.contiguous_format)
     return grad_gate, torch.empty_like(grad_gate)
+
+
+@torch.library.custom_op("lorafit::swiglu_backward_packed", mutates_args=("out",))
+def _backward_packed_op(grad_out: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    """gate_up (N, 2I) = [gate | up], grad_out (N, I) -> out[:, :I] = grad gate, out[:, I:2I] = grad up; out
+    (N, >= 2I) may be wider (the fused LoRA MLP keeps its adapters' columns after them). Non-CUDA: reference."""
+    I = grad_out.shape[-1]
+    grad_gate, grad_up = _backward_op(grad_out, gate_up[:, :I], gate_up[:, I:2 * I])
+    out[:, :I].copy_(grad_gate)
+    out[:, I:2 * I].copy_(grad_up)
+
+
+@_backward_packed_op.register_kernel("cuda")
+def _(grad_out, gate_up, out):
+    I = grad_out.shape[-1]
+    _backward_into(grad_out, gate_up[:, :I], gate_up[:, I:2 * I], out[:, :I], out[:, I:2 * I])
 
 
 def _setup_context(ctx, inputs, output):

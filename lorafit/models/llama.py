@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cross_entropy import linear_cross_entropy
+from ..kernels.lora_mlp import GateUpWeights, can_fuse, lora_mlp
 from ..kernels.rms_norm import add_rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
 from ..nn.attention import attention, can_run_varlen, varlen_attention
-from ..nn.checkpointing import run_layer
+from ..nn.checkpointing import OffloadChain, run_layer
 from ..nn.linear import Linear
 from ..nn.norm import RMSNorm
 from ..nn.rope import RotaryEmbedding, apply_rope
@@ -89,14 +90,23 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     fused = True  # the Triton SwiGLU kernel on CUDA: keeps gate and up for backward, not silu(gate) too
+    fused_lora = True  # LoRA training on CUDA: the three projections as one function (kernels/lora_mlp.py)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weights: GateUpWeights | None = None  # made on the first fused LoRA training pass
 
     def forward(self, x):
+        # In training mode with or without grad: an offloaded layer's forward (no grad) and its recomputation
+        # (grad) then round alike, and give bit-identical activations.
+        if (self.fused_lora and x.is_cuda and self.training
+                and can_fuse(self.gate_proj, self.up_proj, self.down_proj, x)):
+            if self.gate_up_weights is None or not self.gate_up_weights.holds(self.gate_proj, self.up_proj):
+                self.gate_up_weights = GateUpWeights(self.gate_proj, self.up_proj)
+            return lora_mlp(x, self.gate_up_weights, self.gate_proj, self.up_proj, self.down_proj)
         if self.fused and x.is_cuda:
             gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
             if hasattr(self.down_proj, "forward_swiglu"):  # a LoRA layer that recomputes its input in backward
@@ -162,20 +172,35 @@ class CausalLM(nn.Module):
         self.name_or_path: str | None = None  # where the weights came from (saved in adapter configs)
         self.hf_config: dict | None = None  # the checkpoint's config.json, written again by save_model
         self.lora_config = None  # set by apply_lora
-        self.activation_checkpointing = "none"  # what layers keep for backward: nn/checkpointing.py MODES
+        # What layers keep for backward: one of nn/checkpointing.py's MODES, or a list of them, one per layer.
+        self.activation_checkpointing: str | list[str] = "none"
+
+    KERNELS = ("rms_norm", "rope", "swiglu", "lora_mlp", "cross_entropy")  # what disable_kernels names
 
     @property
     def kernels(self) -> bool:
-        """Fused Triton kernels on CUDA tensors (the default); False: the plain PyTorch path everywhere, the
+        """Fused kernels on CUDA tensors (the default); False: the plain PyTorch path everywhere, the
         reference the kernels are measured and debugged against. CPU tensors always take the PyTorch path."""
         return self.lm_head_fused
 
     @kernels.setter
     def kernels(self, enabled: bool) -> None:
-        self.lm_head_fused = bool(enabled)
+        self.disable_kernels(() if enabled else self.KERNELS)
+
+    def disable_kernels(self, names) -> None:
+        """Switches the named kernels (of KERNELS) off and all others on."""
+        unknown = set(names) - set(self.KERNELS)
+        if unknown:
+            raise ValueError(f"unknown kernels {sorted(unknown)}; they are {', '.join(self.KERNELS)}")
+        on = {name: name not in names for name in self.KERNELS}
+        self.lm_head_fused = on["cross_entropy"]
         for m in self.modules():
-            if hasattr(type(m), "fused"):
-                m.fused = bool(enabled)
+            if isinstance(m, RMSNorm):
+                m.fused = on["rms_norm"]
+            elif isinstance(m, Attention):
+                m.fused = on["rope"]
+            elif isinstance(m, MLP):
+                m.fused, m.fused_lora = on["swiglu"], on["lora_mlp"]
 
     def forward(
         self,
@@ -222,9 +247,12 @@ class CausalLM(nn.Module):
         # causality alone keeps real tokens from seeing it, and SDPA takes its faster is_causal path.
 
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, 1, T, D)
+        modes = self.activation_checkpointing
+        modes = [modes] * len(self.model.layers) if isinstance(modes, str) else modes
+        chain = OffloadChain() if "offload" in modes else None
         for i, layer in enumerate(self.model.layers):
             if cache is None:
-                x = run_layer(layer, self.activation_checkpointing, x, cos, sin, mask)
+                x = run_layer(layer, modes[i], x, cos, sin, mask, chain=chain)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:

@@ -15,8 +15,34 @@ from torch.utils.checkpoint import checkpoint
 MODES = ("none", "layers", "offload")
 
 
-def run_layer(layer, mode: str, x: torch.Tensor, *args):
-    """layer(x, *args) under the given checkpointing mode (no checkpointing when no gradient is recorded)."""
+class OffloadChain:
+    """The offloaded inputs of one forward pass's layers, in order. The backward of layer i starts bringing
+    back layer i-1's input before it recomputes, so each copy (32 MiB for Llama-3.1-8B at 4k tokens, 0.6 ms
+    over an H200's 55 GB/s host link) overlaps a layer's work instead of stalling it: 19 ms of a 390 ms
+    micro-batch without this."""
+
+    def __init__(self):
+        self.slots: list[_OffloadSlot] = []
+
+
+class _OffloadSlot:
+    """One layer input: in pinned CPU memory after the forward; on the GPU again once fetched."""
+
+    def __init__(self, cpu_x: torch.Tensor):
+        self.cpu_x, self.gpu_x, self.arrived = cpu_x, None, None
+
+    def fetch(self, device: torch.device) -> None:
+        """Starts the copy back on the side stream (once); `arrived` marks its end."""
+        if self.gpu_x is None and self.cpu_x is not None:
+            with torch.cuda.stream(_copy_stream(device)):
+                self.gpu_x = self.cpu_x.to(device, non_blocking=True)
+                self.arrived = torch.cuda.Event()
+                self.arrived.record()
+
+
+def run_layer(layer, mode: str, x: torch.Tensor, *args, chain: OffloadChain | None = None):
+    """layer(x, *args) under the given checkpointing mode (no checkpointing when no gradient is recorded).
+    "offload" takes the forward pass's OffloadChain, so that backward can fetch inputs ahead."""
     if mode not in MODES:
         raise ValueError(f"activation_checkpointing must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "none" or not torch.is_grad_enabled():
@@ -26,7 +52,7 @@ def run_layer(layer, mode: str, x: torch.Tensor, *args):
         # layer are not inputs, and the first layer's input (a frozen embedding's output) requires none.
         if not x.requires_grad:
             x = x.detach().requires_grad_()
-        return _OffloadedCheckpoint.apply(layer, x, *args)
+        return _OffloadedCheckpoint.apply(layer, chain or OffloadChain(), x, *args)
     return checkpoint(layer, x, *args, use_reentrant=False)
 
 
@@ -44,13 +70,15 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     layer with gradients and back-propagate through it (the reentrant form, which lets x leave the GPU)."""
 
     @staticmethod
-    def forward(ctx, layer, x, *args):
+    def forward(ctx, layer, chain, x, *args):
         ctx.layer, ctx.args, ctx.device = layer, args, x.device
         compute, copy = torch.cuda.current_stream(x.device), _copy_stream(x.device)
-        ctx.cpu_x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        ctx.slot = _OffloadSlot(torch.empty(x.shape, dtype=x.dtype, pin_memory=True))
+        ctx.chain, ctx.index = chain, len(chain.slots)
+        chain.slots.append(ctx.slot)
         copy.wait_stream(compute)  # x is complete before it is copied
         with torch.cuda.stream(copy):
-            ctx.cpu_x.copy_(x, non_blocking=True)
+            ctx.slot.cpu_x.copy_(x, non_blocking=True)
         x.record_stream(copy)  # its memory is not reused before the copy ends
         # The recomputation must be the same computation: same dropout draws, same autocast.
         ctx.rng_state = torch.cuda.get_rng_state(x.device)
@@ -60,10 +88,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        compute, copy = torch.cuda.current_stream(ctx.device), _copy_stream(ctx.device)
-        with torch.cuda.stream(copy):
-            x = ctx.cpu_x.to(ctx.device, non_blocking=True)
-        compute.wait_stream(copy)
+        compute, slot = torch.cuda.current_stream(ctx.device), ctx.slot
+        slot.fetch(ctx.device)  # already on its way when the next layer's backward asked for it
+        if ctx.index > 0:
+            ctx.chain.slots[ctx.index - 1].fetch(ctx.device)  # the layer whose backward comes next
+        compute.wait_event(slot.arrived)  # this input only, not the prefetch just queued behind it
+        x = slot.gpu_x
         x.record_stream(compute)
         x = x.detach().requires_grad_()
         enabled, dtype = ctx.autocast
@@ -72,5 +102,5 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.cuda.set_rng_state(ctx.rng_state, ctx.device)
             out = ctx.layer(x, *ctx.args)
         torch.autograd.backward(out, grad_out)
-        ctx.cpu_x = None
-        return (None, x.grad) + (None,) * len(ctx.args)
+        slot.cpu_x = slot.gpu_x = None
+        return (None, None, x.grad) + (None,) * len(ctx.args)

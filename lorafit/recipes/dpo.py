@@ -38,6 +38,8 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
     trainee = load_trainee(config, cache_dir, with_reference=True)
     model, tokenizer, device, autocast = trainee.model, trainee.tokenizer, trainee.device, trainee.autocast
     reference = trainee.reference
+    if trainee.memory_plan:
+        log(trainee.memory_plan)
 
     data = load_preference_dataset(config.data.resolved_path(), tokenizer, config.model.max_seq_length,
                                    eval_fraction=config.data.eval_fraction, seed=t.seed)

@@ -48,6 +48,8 @@ def run_grpo(config, resume: bool = False, cache_dir=None, log=print, progress: 
     trainee = load_trainee(config, cache_dir, with_reference=g.beta > 0)
     model, tokenizer, device, autocast = trainee.model, trainee.tokenizer, trainee.device, trainee.autocast
     reference = trainee.reference
+    if trainee.memory_plan:
+        log(trainee.memory_plan)
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 

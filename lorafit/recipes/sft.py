@@ -36,6 +36,8 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
                             format=config.data.format, train_on_responses_only=config.data.train_on_responses_only,
                             packing=config.data.packing, eval_fraction=config.data.eval_fraction, seed=t.seed)
     log(data.stats.summary())
+    if trainee.memory_plan:
+        log(trainee.memory_plan)
     plan = training_plan(config, len(data.train), 1, *count_parameters(model))
     advice_table = format_advice(advise(config, plan))
     log(advice_table)

@@ -14,6 +14,7 @@ import torch
 from ..adapter_io import save_adapter
 from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
+from ..memory import GiB, device_budget_bytes, estimate_training_memory, plan_checkpointing
 from ..models.loading import load_model
 from .checkpoint import load_checkpoint, require_latest
 from .metrics import MetricsLog
@@ -49,6 +50,7 @@ class Trainee:
     device: torch.device
     autocast: contextlib.AbstractContextManager  # enter it for every forward pass
     reference: ReferenceModel | None = None  # DPO's and GRPO's starting point, when asked for
+    memory_plan: str = ""  # on a GPU: what the layers keep for backward and the estimated peak, to log
 
 
 def load_trainee(config, cache_dir=None, with_reference: bool = False) -> Trainee:
@@ -56,7 +58,7 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False) -> Traine
     model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, quantize=config.quantize,
                                   cache_dir=cache_dir)
     prepare_for_finetuning(model, config.finetune.method, verbose=False, **config.finetune.adapter_options())
-    model.activation_checkpointing = config.train.activation_checkpointing
+    model.disable_kernels(config.train.disable_kernels)
     # Before the float32 cast below: a frozen copy keeps the loaded dtype (half the memory in bf16).
     reference = ReferenceModel(model) if with_reference else None
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -68,7 +70,32 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False) -> Traine
         p.data = p.data.float()
     autocast = (torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32
                 else contextlib.nullcontext())
-    return Trainee(model, tokenizer, trainable, device, autocast, reference)
+    memory_plan = choose_checkpointing(config, model, device)
+    return Trainee(model, tokenizer, trainable, device, autocast, reference, memory_plan)
+
+
+def choose_checkpointing(config, model, device: torch.device) -> str:
+    """Sets what the model's layers keep for backward (train.activation_checkpointing; auto: from the memory
+    budget) and says so, with the estimated peak, on a GPU."""
+    t = config.train
+    n_layers = model.config.num_layers
+    # A micro-batch's tokens at most; DPO's holds each pair's two answers.
+    tokens = t.batch_size * config.model.max_seq_length * (2 if t.recipe == "dpo" else 1)
+    if t.activation_checkpointing != "auto":
+        modes = [t.activation_checkpointing] * n_layers
+    elif device.type != "cuda":
+        modes = ["none"] * n_layers  # nothing to offload to, and no GPU memory to save
+    else:
+        modes = plan_checkpointing(model, tokens, device_budget_bytes(device, t.memory_budget_gib), on_gpu=True)
+    model.activation_checkpointing = modes
+    if device.type != "cuda":
+        return ""
+    kept = sum(m == "none" for m in modes)
+    estimate = estimate_training_memory(model, tokens, modes)
+    budget = "" if t.memory_budget_gib is None else f" of a {t.memory_budget_gib:g} GiB budget"
+    return (f"memory plan: {kept} of {n_layers} layers keep their activations, {n_layers - kept} "
+            f"{'offloaded' if t.activation_checkpointing in ('auto', 'offload') else 'recomputed'}; estimated "
+            f"peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})")
 
 
 def open_run(config, model, optimizer, scheduler, state: dict, resume: bool, log) -> tuple[dict, MetricsLog]:

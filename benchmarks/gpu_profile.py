@@ -1,0 +1,163 @@
+"""Where the anchor workload's GPU time goes, and how fast the host link is.
+
+    python benchmarks/gpu_profile.py --preset llama-3.1-8b [--checkpointing none|layers|offload] [--no-kernels]
+
+Builds the preset's architecture with random weights straight on the GPU (no 16 GB checkpoint on disk),
+applies LoRA r=16 to all 7 projections as gpu_anchor.py does, and profiles the forward and backward of one
+micro-batch (2 x 2048 tokens). Prints device time by kind of kernel (GEMM, attention, Triton, elementwise,
+copies), the largest matmuls by shape, and the pinned host<->device copy rates that bound what offloading
+activations can hide. A diagnostic: it records nothing.
+"""
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# The public config.json values of meta-llama/Llama-3.2-1B and Llama-3.1-8B (as ../shared/bench uses them).
+_LLAMA3_ROPE = {"rope_type": "llama3", "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192}
+PRESETS = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                         rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
+}
+KINDS = [  # first match wins
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|cublas", re.I)),
+    ("attention", re.compile(r"flash|fmha|cudnn|attention|sdpa", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+    ("triton", re.compile(r"^_|triton", re.I)),
+    ("reduction", re.compile(r"reduce", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|foreach", re.I)),
+]
+
+
+def build_model(preset: str):
+    import lorafit
+    from lorafit.models.llama import CausalLM
+    from lorafit.models.registry import model_config_from_hf
+
+    hf = {"model_type": "llama", "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+          "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001, **PRESETS[preset]}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = CausalLM(model_config_from_hf(hf)).to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+        p.requires_grad_(False)
+    lorafit.apply_lora(model, r=16, alpha=16, dropout=0.0, targets="all-linear")
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # float32 masters, as the SFT recipe keeps them
+    return model, hf
+
+
+def host_link_rates(gib: float = 1.0) -> dict:
+    n = int(gib * 2**30)
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    host2, dev2 = torch.empty_like(host).pin_memory(), torch.empty_like(dev)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / 5
+
+    h2d = timed(lambda: dev.copy_(host, non_blocking=True))
+    d2h = timed(lambda: host.copy_(dev, non_blocking=True))
+
+    def both():
+        with torch.cuda.stream(s1):
+            dev.copy_(host, non_blocking=True)
+        with torch.cuda.stream(s2):
+            host2.copy_(dev2, non_blocking=True)
+
+    duplex = timed(both)
+    return {"h2d_GBps": n / h2d / 1e9, "d2h_GBps": n / d2h / 1e9, "duplex_each_GBps": n / duplex / 1e9}
+
+
+def micro_step(model, x):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-3.1-8b", choices=list(PRESETS))
+    p.add_argument("--checkpointing", default="none")
+    p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--disable-kernels", nargs="*", default=[], help="names from CausalLM.KERNELS")
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--timed", type=int, default=6, help="micro-batches timed without the profiler")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--skip-link", action="store_true")
+    args = p.parse_args()
+
+    if not args.skip_link:
+        print("host link (pinned, 1 GiB):", {k: round(v, 1) for k, v in host_link_rates().items()})
+    model, hf = build_model(args.preset)
+    model.activation_checkpointing = args.checkpointing
+    model.kernels = not args.no_kernels
+    if args.disable_kernels:
+        model.disable_kernels(args.disable_kernels)
+    model.train()
+    x = torch.randint(0, hf["vocab_size"], (args.micro_batch, args.seq_len), device="cuda")
+    for _ in range(2):
+        micro_step(model, x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(args.timed):
+        micro_step(model, x)
+    torch.cuda.synchronize()
+    per_micro = (time.perf_counter() - t) / args.timed
+    tokens = args.micro_batch * args.seq_len
+    print(f"{args.preset} checkpointing={args.checkpointing} kernels={not args.no_kernels} "
+          f"off={args.disable_kernels}: "
+          f"{per_micro * 1e3:.1f} ms per micro-batch (fwd+bwd, no optimizer) = {tokens / per_micro:,.0f} tok/s, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        micro_step(model, x)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        kind = next((k for k, rx in KINDS if rx.search(e.name)), "other")
+        by_kind[kind] += e.device_time
+        by_name[e.name][0] += e.device_time
+        by_name[e.name][1] += 1
+    total = sum(by_kind.values())
+    print(f"\ndevice time {total / 1e3:.1f} ms in {len(kernels)} kernels (one micro-batch, under the profiler)")
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:12s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
+    print(f"\ntop {args.top} kernels by device time")
+    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"  {us / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")
+    print("\nmatmul ops by input shapes (device time)")
+    averages = prof.key_averages(group_by_input_shape=True)
+    mm = [a for a in averages if a.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")]
+    for a in sorted(mm, key=lambda a: -a.device_time_total)[: args.top]:
+        print(f"  {a.device_time_total / 1e3:8.2f} ms  x{a.count:<4d} {a.key:12s} {a.input_shapes}")
+
+
+if __name__ == "__main__":
+    main()

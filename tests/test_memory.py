@@ -1,0 +1,65 @@
+"""The memory estimate against peaks measured on a GPU, and the checkpointing plan chosen from a budget."""
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.errors import ConfigError
+from lorafit.memory import GiB, estimate_training_memory, plan_checkpointing
+from lorafit.models.llama import CausalLM
+from lorafit.models.registry import model_config_from_hf
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192}
+LLAMA_3_1_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                    rope_scaling={**_LLAMA3_ROPE, "factor": 8.0})
+
+
+def _meta_lora_model(shape: dict, r=16) -> CausalLM:
+    """The architecture on the meta device (no memory, no time), LoRA on all 7 projections, float32 adapters."""
+    hf = {"model_type": "llama", "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+          "max_position_embeddings": 131072, **shape}
+    with torch.device("meta"):
+        model = CausalLM(model_config_from_hf(hf)).to(torch.bfloat16)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lorafit.apply_lora(model, r=r, alpha=r, targets="all-linear", verbose=False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+# Peaks of torch.cuda.max_memory_allocated measured on an H200 at the anchor workload (2 x 2048 tokens,
+# LoRA r=16): benchmarks/gpu_profile.py (no optimizer) and benchmarks/gpu_anchor.py (AdamW), results.jsonl.
+MEASURED_8B = [("none", False, 29.32), ("offload", False, 16.22), ("none", True, 29.64), ("offload", True, 16.49),
+               ("layers", True, 17.40)]
+
+
+@pytest.mark.parametrize("mode, adam, measured_gib", MEASURED_8B)
+def test_the_8b_estimate_is_within_3_percent_of_the_measured_peak(mode, adam, measured_gib):
+    model = _meta_lora_model(LLAMA_3_1_8B)
+    estimate = estimate_training_memory(model, 4096, [mode] * 32, optimizer_states=adam)
+    assert abs(estimate.total / GiB - measured_gib) <= 0.03 * measured_gib, estimate.summary()
+
+
+def test_the_plan_offloads_the_fewest_layers_that_fit():
+    model = _meta_lora_model(LLAMA_3_1_8B)
+    everything = estimate_training_memory(model, 4096, ["none"] * 32).total
+    nothing = estimate_training_memory(model, 4096, ["offload"] * 32).total
+    assert plan_checkpointing(model, 4096, everything, on_gpu=True) == ["none"] * 32
+    assert plan_checkpointing(model, 4096, nothing, on_gpu=True) == ["offload"] * 32
+    halfway = plan_checkpointing(model, 4096, (everything + nothing) // 2, on_gpu=True)
+    k = halfway.count("offload")
+    assert 0 < k < 32 and halfway == ["offload"] * k + ["none"] * (32 - k)  # the first layers go to CPU memory
+    assert estimate_training_memory(model, 4096, halfway).total <= (everything + nothing) // 2
+    fewer = ["offload"] * (k - 1) + ["none"] * (33 - k)
+    assert estimate_training_memory(model, 4096, fewer).total > (everything + nothing) // 2
+    assert plan_checkpointing(model, 4096, 1, on_gpu=False) == ["none"] * 32  # CPU: nothing to offload to
+
+
+def test_a_budget_nothing_fits_says_what_to_change():
+    model = _meta_lora_model(LLAMA_3_1_8B)
+    with pytest.raises(ConfigError, match="even with every layer offloaded.*batch_size.*nf4"):
+        plan_checkpointing(model, 4096, 10 * GiB, on_gpu=True)
