@@ -37,6 +37,12 @@ def main(argv=None) -> int:
     a.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 finetune.r=32")
     a.add_argument("--world-size", type=int, default=1, help="data-parallel ranks the run will use")
     a.add_argument("--json", action="store_true", help="print the config, plan and advice as JSON")
+    e = sub.add_parser("estimate", help="peak GPU memory and time of a config's training, before loading a weight")
+    e.add_argument("config", help="a YAML config file (see configs/)")
+    e.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=4")
+    where = e.add_mutually_exclusive_group()
+    where.add_argument("--gpu", default=None, help="a card of lorafit.estimate.DEVICES, e.g. H100 (default: this one)")
+    where.add_argument("--memory", type=float, default=None, help="GiB available on the card (no time estimate)")
     t = sub.add_parser("train", help="fine-tune; with no config, the demo: the default model learns a new identity")
     t.add_argument("config", nargs="?", default=None, help="a YAML config file (see configs/); none: the demo")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 finetune.r=32")
@@ -45,7 +51,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat, "advise": cmd_advise,
+        return {"generate": cmd_generate, "chat": cmd_chat, "advise": cmd_advise, "estimate": cmd_estimate,
                 "train": cmd_train}[args.command](args)
     except LorafitError as e:
         print(f"lorafit: error: {e}", file=sys.stderr)
@@ -143,6 +149,99 @@ def cmd_advise(args) -> int:
     print()
     print(format_advice(advice))
     return 0
+
+
+def cmd_estimate(args) -> int:
+    """Prints the peak-memory breakdown, the checkpointing plan, what fits, and the time per step and run."""
+    from .advisor import training_plan
+    from .config import Config
+    from .estimate import DEVICES, build_meta_model, estimate, format_gib, largest_fitting
+    from .memory import GiB, plan_checkpointing
+
+    config = Config.from_yaml(args.config, args.overrides)
+    model = build_meta_model(config, _model_hf_config(config.model.source))
+    card, tflops, budget = _estimate_device(args, DEVICES)
+    t, seq = config.train, config.model.max_seq_length
+    per_sequence = 2 if t.recipe == "dpo" else 1  # DPO's micro-batch holds each pair's two answers
+    n = model.config.num_layers
+
+    def modes_for(tokens: int) -> list[str]:
+        if t.activation_checkpointing != "auto":
+            return [t.activation_checkpointing] * n
+        if budget is None:
+            return ["none"] * n
+        try:
+            return plan_checkpointing(model, tokens, budget, on_gpu=True)
+        except LorafitError:
+            return ["offload"] * n
+
+    tokens = t.batch_size * seq * per_sequence
+    result = estimate(config, model, tokens, seq, modes_for(tokens), budget, tflops)
+    print(f"config: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    print(f"model:  {config.model.source}, {config.finetune.method}"
+          + (f" r={config.finetune.r}" if config.finetune.method != "full" else "")
+          + f"; micro-batch {t.batch_size} x {seq} tokens" + (" x 2 answers" if per_sequence == 2 else ""))
+    print(f"card:   {card}" + (f", {budget / GiB:.1f} GiB usable" if budget else ""))
+    print()
+    kept = result.modes.count("none")
+    print(f"peak memory  {result.memory.summary()}")
+    print(f"checkpointing {kept} of {n} layers keep their activations, {n - kept} "
+          f"{'recomputed' if t.activation_checkpointing == 'layers' else 'offloaded'} "
+          f"(train.activation_checkpointing: {t.activation_checkpointing})")
+    offloaded = result.modes.count("offload") * tokens * model.config.hidden_size * 2  # bf16 layer inputs
+    if offloaded:
+        print(f"host memory  {offloaded / GiB:.2f} GiB of pinned CPU memory for the offloaded layer inputs")
+    if budget is not None:
+        print(f"verdict      {'fits' if result.fits else 'does NOT fit'} in {budget / GiB:.1f} GiB")
+
+        def fits(modes_of, micro, length):
+            toks = micro * length * per_sequence
+            return estimate(config, model, toks, length, modes_of(toks), budget, None).fits
+
+        for label, modes_of in (("without checkpointing", lambda _: ["none"] * n),
+                                ("every layer offloaded", lambda _: ["offload"] * n)):
+            micro = largest_fitting(lambda b: fits(modes_of, b, seq), t.batch_size, 4096)
+            longest = largest_fitting(lambda s: fits(modes_of, 1, s), seq, 2**22)
+            print(f"fits {label}: micro-batch up to {micro} at {seq} tokens; at micro-batch 1, up to "
+                  f"{longest:,} tokens" + (" (GPU memory only: the CPU must hold the offloaded inputs)"
+                                           if "offloaded" in label else ""))
+        if not result.fits:
+            print("to fit: lower train.batch_size (and raise train.grad_accum to keep the effective batch), "
+                  "lower model.max_seq_length, use activation_checkpointing: auto or offload, or a 4-bit base "
+                  "(finetune.method: qlora)")
+    if result.step_seconds is not None:
+        plan = training_plan(config, _count_rows(config.data.resolved_path()))
+        total = f"; {plan.total_steps} steps: about {result.step_seconds * plan.total_steps / 60:.0f} min" \
+            if plan.total_steps else ""
+        print(f"time         about {result.step_seconds:.2f} s per optimizer step of {t.grad_accum} micro-batches "
+              f"at full length{total} (a rough estimate: lorafit/estimate.py)")
+    return 0
+
+
+def _estimate_device(args, devices):
+    """(name, bf16 TFLOP/s or None, usable bytes or None) from --gpu, --memory, or the GPU present."""
+    import torch
+
+    from .memory import GiB
+
+    if args.memory is not None:
+        if args.memory <= 0:
+            raise LorafitError(f"--memory must be positive GiB, got {args.memory}")
+        return f"{args.memory:g} GiB", None, int(args.memory * GiB)
+    name = args.gpu
+    if name is None and torch.cuda.is_available():
+        present = torch.cuda.get_device_name()
+        name = next((d for d in devices if d.split("-")[0] in present), None)
+        if name is None:
+            total = torch.cuda.get_device_properties(0).total_memory
+            return present, None, int(0.95 * total)
+    if name is None:
+        return "none given (--gpu or --memory): memory only, no verdict", None, None
+    if name not in devices:
+        raise LorafitError(f"unknown --gpu {name!r}; known: {', '.join(devices)} (or give --memory GiB)")
+    memory_gib, tflops = devices[name]
+    # 5% for the CUDA context and fragmentation, as train.memory_budget_gib's default
+    return name, tflops, int(0.95 * memory_gib * GiB)
 
 
 def _count_rows(path: Path) -> int | None:

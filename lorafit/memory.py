@@ -13,6 +13,7 @@ import torch
 
 from .errors import ConfigError
 from .kernels.cross_entropy import LOGITS_CHUNK_BYTES
+from .nn.nf4 import NF4Linear
 
 GiB = 2**30
 
@@ -41,7 +42,8 @@ class MemoryEstimate:
     weights: int  # the model's parameters as loaded (frozen and trainable alike)
     training_state: int  # float32 grads and AdamW's two moments of the trainable ones, their bf16 copies
     activations: int  # what the layers that are not checkpointed keep between forward and backward
-    workspace: int  # one layer's activations while its backward runs (or it is recomputed), a logits chunk
+    workspace: int  # one layer's activations while its backward runs (or is recomputed), a logits chunk, and
+    # with a 4-bit base one dequantised weight
 
     @property
     def total(self) -> int:
@@ -67,7 +69,10 @@ def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], o
     layer_input = micro_batch_tokens * model.config.hidden_size * element_size
     kept = {"none": per_layer, "layers": layer_input, "offload": 0}
     activations = sum(kept[m] for m in modes)
-    return MemoryEstimate(weights, training_state, activations, per_layer + LOGITS_CHUNK_BYTES)
+    # A 4-bit base multiplies through one dequantised weight at a time (117 MB for 8B's largest, in bf16).
+    dequantized = max((m.in_features * m.out_features * element_size for m in model.modules()
+                       if isinstance(m, NF4Linear)), default=0)
+    return MemoryEstimate(weights, training_state, activations, per_layer + LOGITS_CHUNK_BYTES + dequantized)
 
 
 def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu: bool) -> list[str]:

@@ -1,0 +1,71 @@
+"""`lorafit estimate`: the breakdown, the verdict against a card, what fits, and the time, with no weights."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorafit.cli import main
+from lorafit.config import Config
+from lorafit.estimate import build_meta_model, largest_fitting, model_flops_per_token
+from test_memory import LLAMA_3_1_8B
+
+
+@pytest.fixture(scope="module")
+def anchor_config(tmp_path_factory):
+    """The anchor workload's config on Llama-3.1-8B's architecture: a config.json and nothing else."""
+    root = tmp_path_factory.mktemp("estimate")
+    model = root / "llama-3.1-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128256,
+                                                   "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                                                   "max_position_embeddings": 131072, **LLAMA_3_1_8B}))
+    config = root / "anchor.yaml"
+    config.write_text(f"model:\n  source: {model}\n  max_seq_length: 2048\n"
+                      "train:\n  batch_size: 2\n  grad_accum: 8\n  max_steps: 100\n")
+    return config
+
+
+def test_at_unsloths_memory_mode_budget_every_layer_is_offloaded(anchor_config, capsys):
+    assert main(["estimate", str(anchor_config), "--memory", "16.71"]) == 0
+    out = capsys.readouterr().out
+    assert "peak memory  16.33 GiB = weights 15.11" in out  # H200: 16.49-16.70 GiB measured with AdamW
+    assert "0 of 32 layers keep their activations, 32 offloaded" in out and "fits in 16.7 GiB" in out
+    assert "micro-batch up to 3 at 2048 tokens" in out and "host memory  1.00 GiB" in out
+
+
+def test_on_an_h200_nothing_is_offloaded_and_the_time_is_given(anchor_config, capsys):
+    assert main(["estimate", str(anchor_config), "--gpu", "H200"]) == 0
+    out = capsys.readouterr().out
+    assert "peak memory  29.89 GiB" in out and "32 of 32 layers keep their activations" in out  # 29.64 measured
+    assert "about 1.98 s per optimizer step" in out and "100 steps" in out  # 1.99 s measured (16,454 tok/s)
+
+
+def test_what_does_not_fit_says_what_to_change(anchor_config, capsys):
+    assert main(["estimate", str(anchor_config), "train.activation_checkpointing=none", "--memory", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit in 20.0 GiB" in out and "to fit: lower train.batch_size" in out
+    assert main(["estimate", str(anchor_config), "--gpu", "B300"]) == 1
+    assert "unknown --gpu 'B300'; known: H200, H100" in capsys.readouterr().err
+
+
+def test_qlora_counts_4_bit_weights_and_one_dequantised_weight(anchor_config, capsys):
+    assert main(["estimate", str(anchor_config), "finetune.method=qlora", "--gpu", "L4"]) == 0
+    out = capsys.readouterr().out
+    assert "weights 5.47" in out and "workspace 0.78" in out and "fits in 20.9 GiB" in out
+
+
+def test_flops_per_token_are_the_anchor_benchmarks(anchor_config):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from gpu_anchor import model_flops_per_token as anchor_count
+
+    hf = json.loads((anchor_config.parent / "llama-3.1-8b" / "config.json").read_text())
+    model = build_meta_model(Config.from_yaml(anchor_config), hf)
+    assert model_flops_per_token(model, 2048) == anchor_count(hf, 16, 2048)
+
+
+def test_largest_fitting_doubles_then_bisects():
+    assert largest_fitting(lambda n: n <= 37, 2, 4096) == 37
+    assert largest_fitting(lambda n: n <= 5000, 2, 4096) == 4096
+    assert largest_fitting(lambda n: False, 2, 4096) == 0
