@@ -1,6 +1,7 @@
 """The anchor workload on a GPU, for lorafit: tokens/s, peak memory and MFU, beside Unsloth's and PEFT's.
 
-    python benchmarks/gpu_anchor.py --model DIR [--checkpointing none|layers|offload] [--results FILE]
+    python benchmarks/gpu_anchor.py --model DIR [--checkpointing none|layers|offload | --memory-budget GiB]
+                                    [--qlora] [--max-context] [--results FILE]
 
 The workload is ../shared/bench's (run that harness in the same call for the competitors): a random-weight
 model with a real Llama architecture saved by `anchor_bench.py make-model`, bf16, LoRA r=16 alpha=16
@@ -10,6 +11,10 @@ trains as its SFT recipe does: float32 adapter weights, bf16 autocast.
 
 Model FLOPs per token = 4 N_frozen + 6 N_lora + 6 L d_attn s, as the harness counts them; MFU is against
 --peak-tflops (default: a bf16 8192^3 matmul measured here, first).
+
+--qlora: the base loaded as NF4 (QLoRA). --max-context: instead of the throughput, the longest sequence that
+trains one optimizer step at micro-batch 1 without running out of memory, every layer offloaded: doubling
+from --seq-len, then bisection to 1,024 tokens.
 """
 
 import argparse
@@ -62,6 +67,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=3407)
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--qlora", action="store_true", help="an NF4 base (QLoRA)")
+    p.add_argument("--max-context", action="store_true", help="search the longest trainable sequence instead")
     p.add_argument("--results", default=None, help="append here (default: benchmarks/results.jsonl)")
     args = p.parse_args()
 
@@ -71,7 +78,8 @@ def main() -> None:
     peak = args.peak_tflops or matmul_tflops()
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     started = time.perf_counter()
-    model, _ = lorafit.load_model(args.model, dtype="bfloat16", device="cuda")
+    model, _ = lorafit.load_model(args.model, dtype="bfloat16", device="cuda",
+                                  quantize="nf4" if args.qlora else None)
     load_s = time.perf_counter() - started
     torch.manual_seed(args.seed)
     lorafit.apply_lora(model, r=16, alpha=16, dropout=0.0, targets="all-linear")
@@ -90,6 +98,14 @@ def main() -> None:
     model.kernels = not args.no_kernels
     if args.disable_kernels:
         model.disable_kernels(args.disable_kernels)
+    if args.max_context:
+        longest = max_context(model, trainable, cfg["vocab_size"], args.seq_len)
+        row = {"system": "lorafit", "model": Path(args.model).name, "qlora": args.qlora, "micro_batch": 1,
+               "max_context_tokens": longest, "resolution_tokens": 1024, "checkpointing": "offload"}
+        print(f"| {row['model']} | lorafit{' QLoRA' if args.qlora else ''} | longest trainable context "
+              f"{longest:,} tokens |")
+        record("gpu_max_context", [row], results=args.results or RESULTS)
+        return
     model.train()
 
     g = torch.Generator().manual_seed(args.seed)
@@ -126,15 +142,47 @@ def main() -> None:
         "memory_budget_GiB": args.memory_budget,
         "kernels": not args.no_kernels, "disabled_kernels": args.disable_kernels,
         "tokens_per_s": round(tokens_per_s), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "mfu": round(mfu, 3), "peak_tflops": round(peak), "losses": [round(x, 4) for x in losses],
+        "mfu": round(mfu, 3), "peak_tflops": round(peak), "losses": [round(x, 4) for x in losses], "qlora": args.qlora,
         "load_s": round(load_s, 1),
     }
-    label = f"{checkpointing}{'' if model.kernels else ', no kernels'}" + \
+    label = f"{'QLoRA, ' if args.qlora else ''}{checkpointing}{'' if model.kernels else ', no kernels'}" + \
         "".join(f", no {name}" for name in args.disable_kernels)
     print(f"| {row['model']} | lorafit ({label}) | {row['tokens_per_s']} | {row['peak_alloc_GiB']} GiB "
           f"| MFU {100 * mfu:.1f}% |")
     record("gpu_anchor", [row], results=args.results or RESULTS, micro_batch=args.micro_batch,
            seq_len=args.seq_len, grad_accum=args.grad_accum, lora_r=16)
+
+
+def max_context(model, trainable, vocab_size: int, start: int, resolution: int = 1024) -> int:
+    """The longest multiple of `resolution` tokens that trains one AdamW step at micro-batch 1."""
+    model.activation_checkpointing = "offload"  # what the longest contexts need
+
+    def fits(length: int) -> bool:
+        optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.01, fused=True)
+        try:
+            x = torch.randint(0, vocab_size, (1, length), device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            torch.cuda.synchronize()
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        loss = x = None
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        torch.cuda.empty_cache()
+        print(f"  {length:,} tokens: {'fits' if ok else 'out of memory'}", flush=True)
+        return ok
+
+    low, high = 0, start
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > resolution:
+        mid = (low + high) // 2 // resolution * resolution
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 if __name__ == "__main__":
