@@ -383,3 +383,36 @@ def test_batch_order_is_a_pure_function_and_resumable(tokenizer):
     whole = ids(data.batches(2, epoch=0, seed=7))
     assert len(shards[0]) == len(shards[1]) == 4 and shards[0] + shards[1] == whole[0:8:2] + whole[1:8:2]
     assert ids(data.batches(2, split="eval")) == ids(data.batches(2, epoch=3, seed=1, split="eval"))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_micro_batch_splits_into_halves_with_their_own_counts(packed):
+    """What an out-of-memory micro-batch becomes: row halves whose tokens, labels and (packed) document
+    boundaries are the batch's own, so the halves' token-weighted losses give the batch's loss."""
+    from lorafit.data.packing import collate, split_rows
+
+    docs = random_examples(7, seed=3)
+    rows = [docs[:2], docs[2:3], docs[3:5], docs[5:]] if packed else [[d] for d in docs[:5]]
+    batch = collate(rows, pad_id=0, packed=packed)
+    first, second = split_rows(batch)
+    assert first["input_ids"].shape[0] + second["input_ids"].shape[0] == batch["input_ids"].shape[0]
+    assert first["num_tokens"] + second["num_tokens"] == batch["num_tokens"]
+    assert first["num_label_tokens"] + second["num_label_tokens"] == batch["num_label_tokens"]
+    if packed:
+        halves = torch.cat([first["cu_seqlens"][:-1], second["cu_seqlens"] + first["input_ids"].numel()])
+        assert torch.equal(halves, batch["cu_seqlens"])
+        for half in (first, second):
+            assert half["max_seqlen"] <= batch["max_seqlen"] and half["cu_seqlens"][-1] == half["input_ids"].numel()
+
+    model = native_copy(tiny_hf_model("llama"))
+
+    def loss(b):
+        return model(b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
+                     position_ids=b["position_ids"]).loss
+
+    with torch.no_grad():
+        whole = loss(batch)
+        parts = sum(loss(h) * h["num_label_tokens"] for h in (first, second)) / batch["num_label_tokens"]
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one row"):
+        split_rows(split_rows(first)[0] if first["input_ids"].shape[0] == 2 else split_rows(second)[0])

@@ -109,8 +109,34 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict:
         "position_ids": position_ids,
         "num_label_tokens": int((labels[:, 1:] != IGNORE).sum()),
         "num_tokens": int(real.sum()),  # real (non-padding) tokens: what tokens/s counts
+        "row_tokens": real.sum(1),  # (B,) the same per row, so that split_rows can count its halves
         **extra,  # packed: "cu_seqlens" (int32, segments + 1) and "max_seqlen"
     }
+
+
+def split_rows(batch: dict) -> tuple[dict, dict]:
+    """A collated micro-batch of B >= 2 rows -> two of about B / 2 rows, with their own counts and (packed)
+    document boundaries: what a micro-batch that ran out of memory becomes. The halves keep the batch's
+    padded length, so they hold the same tokens and labels: the step they give is the same up to float
+    order."""
+    B, S = batch["input_ids"].shape
+    if B < 2:
+        raise ValueError("a micro-batch of one row cannot be split")
+    h = B // 2
+    halves = []
+    for rows in (slice(0, h), slice(h, B)):
+        half = {k: batch[k][rows] for k in ("input_ids", "labels", "attention_mask", "position_ids", "row_tokens")}
+        half["num_label_tokens"] = int((half["labels"][:, 1:] != IGNORE).sum())
+        half["num_tokens"] = int(half["row_tokens"].sum())
+        if "cu_seqlens" in batch:
+            # Every row ends a segment (its padding tail is one), so row boundaries are among the offsets.
+            cu = batch["cu_seqlens"]
+            first, last = rows.start * S, rows.stop * S
+            inside = cu[(cu >= first) & (cu <= last)] - first
+            half["cu_seqlens"] = inside.to(torch.int32)
+            half["max_seqlen"] = int((inside[1:] - inside[:-1]).max())
+        halves.append(half)
+    return halves[0], halves[1]
 
 
 def block_causal_mask(document: torch.Tensor) -> torch.Tensor:
