@@ -30,6 +30,7 @@ MODEL_DTYPES = ("auto", *DTYPES)
 RECIPES = ("sft", "dpo", "grpo")
 SCHEDULERS = ("linear", "cosine")
 ACTIVATION_CHECKPOINTING = ("none", "layers", "offload")  # lorafit.nn.checkpointing.MODES
+DISTRIBUTED = ("auto", "ddp", "fsdp")  # lorafit.training.distributed.STRATEGIES
 DPO_LOSSES = ("sigmoid", "ipo")  # lorafit.losses.dpo.LOSSES
 GRPO_NORMALISATIONS = ("token", "sequence", "dr_grpo")  # lorafit.losses.grpo.NORMALISATIONS
 ON_REWARD_ERROR = ("stop", "skip")
@@ -288,6 +289,10 @@ class TrainSection:
     # What decoder layers keep for backward: none (fastest), layers (recompute each layer: about a third
     # more compute, a fraction of the memory), offload (as layers, the kept inputs in CPU memory; GPU only).
     activation_checkpointing: str = "none"
+    # Several processes (torchrun, or `lorafit train --nproc N`): ddp replicates the model on every rank,
+    # fsdp shards it (FSDP2, per decoder layer); auto: ddp when weights, gradients and optimizer state fit
+    # one device, else fsdp. One process ignores it.
+    distributed: str = "auto"
 
     def __post_init__(self):
         check = _Checker("train", self)
@@ -307,6 +312,7 @@ class TrainSection:
         check.integer("save_every", minimum=0)
         check.integer("log_every", minimum=1)
         check.choice("activation_checkpointing", ACTIVATION_CHECKPOINTING)
+        check.choice("distributed", DISTRIBUTED)
 
 
 @dataclass(frozen=True)
