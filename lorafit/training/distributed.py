@@ -144,10 +144,12 @@ def fits_one_device(model: torch.nn.Module, device: torch.device | None) -> bool
     return need <= DDP_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
-def wrap_model(model: torch.nn.Module, strategy: str, d: Distributed) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, strategy: str, d: Distributed,
+               compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """-> the module training forwards run through. ddp: a DistributedDataParallel wrapper (the model itself
     stays the one to save and evaluate); fsdp: the model itself, sharded in place (its parameters become
-    DTensors: rebuild parameter lists and optimizers after this); none: the model."""
+    DTensors: rebuild parameter lists and optimizers after this); none: the model. compute_dtype: what
+    autocast computes in (the loaded dtype); FSDP2 on GPUs gathers weights in it."""
     if strategy == "none":
         return model
     if strategy == "ddp":
@@ -165,11 +167,10 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Distributed) -> torch.n
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy()
-        base_dtype = model.model.embed_tokens.weight.dtype
-        if d.device is not None and d.device.type == "cuda" and base_dtype != torch.float32:
-            # Gather every weight in the base dtype (bf16: half the traffic, and the matmuls run in it under
-            # autocast anyway); reduce the trainable weights' gradients in float32, their own dtype.
-            policy = MixedPrecisionPolicy(param_dtype=base_dtype, reduce_dtype=torch.float32)
+        if d.device is not None and d.device.type == "cuda" and compute_dtype != torch.float32:
+            # Gather every weight in the compute dtype (bf16: half the traffic, and the matmuls run in it
+            # under autocast anyway); reduce the trainable weights' gradients in float32, their own dtype.
+            policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, LM head

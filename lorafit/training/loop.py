@@ -75,7 +75,7 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Dis
     autocast = (torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32
                 else contextlib.nullcontext())
     strategy = resolve_strategy(config.train.distributed, model, dist)
-    wrapped = wrap_model(model, strategy, dist)
+    wrapped = wrap_model(model, strategy, dist, base_dtype)
     if strategy == "fsdp":  # fully_shard replaced every parameter by a sharded one
         trainable = [p for p in model.parameters() if p.requires_grad]
     return Trainee(model, tokenizer, trainable, device, autocast, reference, wrapped, strategy)
