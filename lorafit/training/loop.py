@@ -94,13 +94,12 @@ def open_run(config, model, optimizer, scheduler, state: dict, resume: bool, log
     elif (output_dir / "checkpoints").exists():
         raise LorafitError(f"{output_dir} holds checkpoints of an earlier run: add --resume to continue it, "
                            f"or choose another train.output_dir")
-    if not dist.is_main:
-        dist.barrier()  # every rank has read the checkpoint (or seen there is none) before rank 0 writes
-        return state, NoMetrics()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config.to_yaml())
-    metrics = MetricsLog(output_dir, resume_from_step=state["step"] if resume else None)
-    dist.barrier()
+    metrics = NoMetrics()
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.to_yaml())
+        metrics = MetricsLog(output_dir, resume_from_step=state["step"] if resume else None)
+    dist.barrier()  # no rank trains (and so none saves a checkpoint) before every rank has looked for one
     return state, metrics
 
 
