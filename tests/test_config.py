@@ -23,7 +23,7 @@ GUIDE_DEFAULTS = {
     "train": {"recipe": "sft", "epochs": 1, "max_steps": None, "lr": None, "batch_size": 2, "grad_accum": 8,
               "warmup_ratio": 0.05, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": 1.0,
               "seed": 3407, "output_dir": "runs/sft", "save_every": 100, "log_every": 1,
-              "activation_checkpointing": "none"},
+              "activation_checkpointing": "none", "distributed": "auto"},
     "dpo": {"beta": 0.1, "loss": "sigmoid", "precompute_reference": False},
     "grpo": {"rewards": ["numeric_answer"], "reward_weights": None, "num_generations": 8, "max_prompt_length": 512,
              "max_completion_length": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "system_prompt": None,

@@ -158,6 +158,19 @@ def test_resume_under_two_ranks_gives_the_same_losses(tiny_dir, fsdp_run, tmp_pa
         train(stopped, resume=True, log=lambda *_: None, progress=False)
 
 
+def test_full_finetuning_under_fsdp_equals_one_process(tiny_dir, tmp_path):
+    """Every weight sharded and trained (what FSDP2 is for: 8B does not fit one card): the model rank 0
+    gathers and saves equals one process's."""
+    common = ("finetune.method=full", "train.max_steps=3", "train.batch_size=2")
+    single = train(config_for(tiny_dir, tmp_path / "one", *common, "train.grad_accum=4"), log=lambda *_: None,
+                   progress=False)
+    torchrun(config_for(tiny_dir, tmp_path / "two", *common, "train.grad_accum=2", "train.distributed=fsdp"),
+             tmp_path)
+    assert losses(tmp_path / "two") == pytest.approx(single.losses, rel=1e-6)
+    a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two"))
+    assert_same_adapter(a, b)  # the whole model's weights, the same way
+
+
 def test_dpo_under_two_ranks_equals_one_process(tiny_dir, tmp_path):
     """DDP; the loss is the mean over the window's pairs of both ranks; 10 pairs (5 micro-batches) make the
     second rank run a stand-in in the epoch's last window."""

@@ -8,8 +8,9 @@ A checkpoint is written into a temporary folder that is renamed into place when 
 marker is replaced atomically afterwards: whatever moment a run dies at, `latest` names a whole checkpoint.
 
 With several ranks rank 0 alone writes: the same files, the weights and optimizer state gathered whole when
-FSDP2 shards them (so a checkpoint loads on any number of ranks, and on one), rng.pt with every rank's
-generators. Every rank reads the checkpoint to resume (a filesystem all nodes see).
+FSDP2 shards them (the adapter inside is an ordinary PEFT adapter), rng.pt with every rank's generators.
+Every rank reads the checkpoint to resume (a filesystem all nodes see), with as many ranks as wrote it: the
+data position and the generators are per rank.
 """
 
 import json
@@ -23,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from ..adapter_io import WEIGHTS_NAME, adapter_tensors, load_adapter_weights, save_adapter
 from ..errors import LorafitError
-from .distributed import (SINGLE, Distributed, full_tensor, is_sharded, load_full_weights, load_optimizer_state,
-                          optimizer_state)
+from .distributed import (SINGLE, Distributed, full_state, gathered, is_sharded, load_full_weights,
+                          load_optimizer_state, optimizer_state)
 
 LATEST = "latest"
 
@@ -41,11 +42,8 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, state: dict, keep: 
     name = f"step-{state['step']:06d}"
     final, tmp = root / name, root / f".{name}.partial"
     lora = getattr(model, "lora_config", None) is not None
-    sharded = is_sharded(model)
-    adapter = {k: full_tensor(v.detach()) for k, v in adapter_tensors(model).items()} if lora and sharded else None
-    trainable = None
-    if not lora:
-        trainable = {n: full_tensor(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    adapter = gathered(adapter_tensors(model)) if lora and is_sharded(model) else None
+    trainable = None if lora else {n: t.contiguous() for n, t in full_state(model, trainable_only=True).items()}
     optimizer_tensors = optimizer_state(model, optimizer, dist)
     rng = dist.gather_objects(_rng_state())
     if dist.is_main:

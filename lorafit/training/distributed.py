@@ -229,6 +229,30 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached tensors by name (a few: an adapter's), each sharded one gathered whole and moved to the CPU
+    (a collective: every rank calls it and gets them all)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.detach().full_tensor().cpu() if isinstance(v, DTensor) else v.detach() for k, v in tensors.items()}
+
+
+def full_state(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The model's weights by name (trainable_only: those that train), whole. Sharded: gathered one by one
+    onto rank 0's CPU (a collective; the other ranks get {}: 8B's float32 weights are 32 GB)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=trainable_only))
+    else:
+        state = {n: t.detach() for n, t in model.state_dict().items()}
+    if trainable_only:  # named_parameters names a tied weight once (the embedding), as one process saves it
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {n: t for n, t in state.items() if n in names}
+    return state
+
+
 def load_full_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copies whole tensors (every rank has them, read from a checkpoint) into parameters by name, sharding
     them where the model is sharded."""

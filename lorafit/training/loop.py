@@ -16,7 +16,8 @@ from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
 from ..models.loading import load_model
 from .checkpoint import load_checkpoint, require_latest
-from .distributed import SINGLE, Distributed, full_tensor, is_sharded, resolve_strategy, wrap_model
+from .distributed import (SINGLE, Distributed, full_state, full_tensor, gathered, is_sharded, resolve_strategy,
+                          wrap_model)
 from .metrics import MetricsLog
 from .reference import ReferenceModel
 from .report import write_report
@@ -156,15 +157,13 @@ def finish_run(model, tokenizer, output_dir, advice_table: str, summary: dict, d
     lora = getattr(model, "lora_config", None) is not None
     final = output_dir / ("adapter" if lora else "model")
     if lora:
-        tensors = {k: full_tensor(v.detach()) for k, v in adapter_tensors(model).items()} if is_sharded(model) else None
+        tensors = gathered(adapter_tensors(model)) if is_sharded(model) else None
         if dist.is_main:
             save_adapter(model, final, tensors=tensors)
     else:
         from ..models.saving import save_model
 
-        state = None
-        if is_sharded(model):  # each weight gathered in turn onto rank 0's CPU
-            state = {n: full_tensor(t.detach()).cpu() for n, t in model.state_dict().items()}
+        state = full_state(model, trainable_only=False) if is_sharded(model) else None
         if dist.is_main:
             save_model(model, tokenizer, final, state=state)
     if dist.is_main:
