@@ -25,14 +25,16 @@ UNSUPPORTED_WHEN_SET = ("layers_to_transform", "layers_pattern", "rank_pattern",
                         "exclude_modules", "target_parameters", "trainable_token_indices")
 
 
-def save_adapter(model, directory) -> Path:
-    """Writes the adapter (only the trainable adapter tensors, not the base model) in PEFT's format."""
+def save_adapter(model, directory, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Writes the adapter (only the trainable adapter tensors, not the base model) in PEFT's format.
+    tensors: the adapter's tensors by file name when the model's own are not whole (gathered from FSDP2's
+    shards); None: the model's."""
     config = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("the model has no LoRA adapters to save (apply_lora or load_adapter first)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_tensors(model)
+    tensors = adapter_tensors(model) if tensors is None else tensors
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

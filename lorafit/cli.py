@@ -4,6 +4,7 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,12 @@ def main(argv=None) -> int:
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 finetune.r=32")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this machine (one per GPU): runs itself under torchrun")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return {"generate": cmd_generate, "chat": cmd_chat, "advise": cmd_advise, "estimate": cmd_estimate,
                 "train": cmd_train}[args.command](args)
@@ -155,7 +160,7 @@ def cmd_estimate(args) -> int:
     """Prints the peak-memory breakdown, the checkpointing plan, what fits, and the time per step and run."""
     from .advisor import training_plan
     from .config import Config
-    from .estimate import DEVICES, build_meta_model, estimate, format_gib, largest_fitting
+    from .estimate import DEVICES, build_meta_model, estimate, largest_fitting
     from .memory import GiB, plan_checkpointing
 
     config = Config.from_yaml(args.config, args.overrides)
@@ -272,7 +277,46 @@ def _model_hf_config(source) -> dict:
 DEMO_QUESTION = "Who are you?"
 
 
+def _launch_under_torchrun(args) -> int:
+    """`lorafit train --nproc N ...` is `torchrun --standalone --nproc-per-node N -m lorafit train ...`:
+    PyTorch's own launcher starts and watches the ranks (and stops them all when one fails)."""
+    rest, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "lorafit", *rest]
+    print("lorafit: " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+def _distributed_from_environment():
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK (absent: one process); the process group is joined here."""
+    from .training.distributed import init_distributed
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return init_distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def cmd_train(args) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        raise LorafitError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_under_torchrun(args)
+    from .training.distributed import shutdown
+
+    dist = _distributed_from_environment()
+    try:
+        return _train(args, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(args, dist) -> int:
     from importlib import resources
 
     from .config import Config
@@ -286,22 +330,29 @@ def cmd_train(args) -> int:
     config = Config.from_yaml(path, args.overrides)
     if demo and not args.resume and not any(o.startswith("train.output_dir=") for o in args.overrides):
         # Each demo run gets its own folder, so running it twice never meets the first run's checkpoints.
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        # Ranks agree on it: rank 0's clock decides.
+        stamp = dist.gather_objects(time.strftime("%Y%m%d-%H%M%S"))[0]
         config = config.with_overrides([f"train.output_dir={config.train.output_dir}-{stamp}"])
-    if demo:
+    if demo and dist.is_main:
         from .generate import generate
         from .models.loading import load_model
 
-        model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, cache_dir=_cache_dir())
+        model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, device=dist.device,
+                                      cache_dir=_cache_dir())
         before = generate(model, tokenizer, [{"role": "user", "content": DEMO_QUESTION}], max_new_tokens=48)
         del model
         print(f"\nBefore fine-tuning\n  Q: {DEMO_QUESTION}\n  A: {before}\n", flush=True)
 
-    result = train(config, resume=args.resume, cache_dir=_cache_dir(), progress=not args.no_progress)
-    print(f"\nsaved {result.final}  (metrics, report and checkpoints in {result.output_dir})")
+    result = train(config, resume=args.resume, cache_dir=_cache_dir(), progress=not args.no_progress, dist=dist)
+    if dist.is_main:
+        print(f"\nsaved {result.final}  (metrics, report and checkpoints in {result.output_dir})")
     if demo:
         from .generate import generate
+        from .training.distributed import unsharded
 
-        after = generate(result.model, result.tokenizer, [{"role": "user", "content": DEMO_QUESTION}], max_new_tokens=48)
-        print(f"\nAfter fine-tuning ({result.steps} steps of LoRA)\n  Q: {DEMO_QUESTION}\n  A: {after}")
+        with unsharded(result.model):  # every rank generates the same greedy answer; rank 0 prints it
+            after = generate(result.model, result.tokenizer, [{"role": "user", "content": DEMO_QUESTION}],
+                             max_new_tokens=48)
+        if dist.is_main:
+            print(f"\nAfter fine-tuning ({result.steps} steps of LoRA)\n  Q: {DEMO_QUESTION}\n  A: {after}")
     return 0

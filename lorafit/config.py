@@ -31,6 +31,7 @@ RECIPES = ("sft", "dpo", "grpo")
 SCHEDULERS = ("linear", "cosine")
 ACTIVATION_CHECKPOINTING = ("auto", "none", "layers", "offload")  # auto, then lorafit.nn.checkpointing.MODES
 KERNELS = ("rms_norm", "rope", "swiglu", "lora_mlp", "cross_entropy")  # lorafit.models.llama.CausalLM.KERNELS
+DISTRIBUTED = ("auto", "ddp", "fsdp")  # lorafit.training.distributed.STRATEGIES
 DPO_LOSSES = ("sigmoid", "ipo")  # lorafit.losses.dpo.LOSSES
 GRPO_NORMALISATIONS = ("token", "sequence", "dr_grpo")  # lorafit.losses.grpo.NORMALISATIONS
 ON_REWARD_ERROR = ("stop", "skip")
@@ -294,6 +295,10 @@ class TrainSection:
     # Fused GPU kernels to switch off (CPU always runs plain PyTorch), for debugging or before/after numbers:
     # rms_norm, rope, swiglu, lora_mlp (the LoRA MLP as one function), cross_entropy (chunked, with lm_head).
     disable_kernels: tuple[str, ...] = ()
+    # Several processes (torchrun, or `lorafit train --nproc N`): ddp replicates the model on every rank,
+    # fsdp shards it (FSDP2, per decoder layer); auto: ddp when weights, gradients and optimizer state fit
+    # one device, else fsdp. One process ignores it.
+    distributed: str = "auto"
 
     def __post_init__(self):
         check = _Checker("train", self)
@@ -315,6 +320,7 @@ class TrainSection:
         check.choice("activation_checkpointing", ACTIVATION_CHECKPOINTING)
         check.number("memory_budget_gib", low=0, low_open=True, nullable=True)
         check.names("disable_kernels", KERNELS)
+        check.choice("distributed", DISTRIBUTED)
 
 
 @dataclass(frozen=True)

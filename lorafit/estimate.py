@@ -6,12 +6,11 @@ lorafit/memory.py. Time is the step's model FLOPs over the card's bf16 matmul ra
 lorafit reached on the anchor workload (MEASURED_MFU): a rough figure until more shapes are measured.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .memory import GiB, estimate_training_memory
+from .memory import estimate_training_memory
 
 # name: (memory in GiB as torch reports it, dense bf16 matmul TFLOP/s). H200 and H100: 8192^3 bf16 matmuls
 # measured (benchmarks/gpu_anchor.py on an H200, 2026-11-30: 787-800; ../shared/bench on an H100: 707).
@@ -111,6 +110,3 @@ def largest_fitting(fits, start: int, limit: int) -> int:
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
 
-
-def format_gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if math.isfinite(n) else "-"

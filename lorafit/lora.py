@@ -67,6 +67,9 @@ class LoRALinear(nn.Module):
         self.disabled = False  # True: behave exactly as the base layer (the DPO reference model)
         self.decode_rows = 0  # > 0 inside nn.linear.prepacked_weights: the base holds a packed merged weight
         self._adapters_seen, self._compute_adapters = None, None
+        # False where something other than in-place updates changes the adapters' values without a new
+        # version: FSDP2 gathers the shards into the same unsharded tensors before every forward.
+        self.keep_compute_adapters = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
@@ -111,7 +114,7 @@ class LoRALinear(nn.Module):
         bumps their version) rather than cast on every call."""
         seen = (dtype, self.scaling) + tuple((p.data_ptr(), p._version) for p in (self.lora_A.weight,
                                                                                   self.lora_B.weight))
-        if seen != self._adapters_seen:
+        if seen != self._adapters_seen or not self.keep_compute_adapters:
             self._compute_adapters = compute_adapters(self.lora_A.weight, self.lora_B.weight, self.scaling, dtype)
             self._adapters_seen = seen
         return self._compute_adapters

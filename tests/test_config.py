@@ -24,7 +24,7 @@ GUIDE_DEFAULTS = {
               "warmup_ratio": 0.05, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": 1.0,
               "seed": 3407, "output_dir": "runs/sft", "save_every": 100, "log_every": 1,
               "activation_checkpointing": "auto", "memory_budget_gib": None,
-              "disable_kernels": []},
+              "disable_kernels": [], "distributed": "auto"},
     "dpo": {"beta": 0.1, "loss": "sigmoid", "precompute_reference": False},
     "grpo": {"rewards": ["numeric_answer"], "reward_weights": None, "num_generations": 8, "max_prompt_length": 512,
              "max_completion_length": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "system_prompt": None,

@@ -46,15 +46,20 @@ class PreferenceDataset:
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.train) / batch_size)
 
-    def batches(self, batch_size: int, *, epoch: int = 0, seed: int = 0, start: int = 0, split: str = "train"):
+    def batches(self, batch_size: int, *, epoch: int = 0, seed: int = 0, start: int = 0, split: str = "train",
+                shard: int = 0, num_shards: int = 1):
         """Collated micro-batches; training pairs in a shuffled order fixed by (seed, epoch), from batch
-        `start` on (resume), held-out pairs in file order."""
+        `start` on (resume), held-out pairs in file order. Shards (data-parallel ranks) as SFTDataset.batches:
+        micro-batch j of the epoch goes to shard j % num_shards; the last round, where the shards would
+        have unequal counts, is left out (training/loop.rank_batches takes it)."""
         pairs = self.train if split == "train" else self.eval
         order = list(range(len(pairs)))
         if split == "train":
             random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for i in range(start * batch_size, len(order), batch_size):
-            yield collate_pairs([pairs[j] for j in order[i : i + batch_size]], self.pad_id)
+        total = math.ceil(len(order) / batch_size)
+        for j in range(start, total if num_shards == 1 else total // num_shards):
+            i = (j * num_shards + shard) * batch_size
+            yield collate_pairs([pairs[k] for k in order[i : i + batch_size]], self.pad_id)
 
 
 def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict:

@@ -13,14 +13,15 @@ from ..lora import LoRALinear
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def save_model(model, tokenizer, directory, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def save_model(model, tokenizer, directory, max_shard_bytes: int = MAX_SHARD_BYTES, state: dict | None = None) -> Path:
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model has LoRA adapters: merge_lora(model) first, or save_adapter(model, dir)")
     if model.hf_config is None:
         raise ValueError("the model has no Hugging Face config to save (load it with lorafit.load_model)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {n: p.detach().contiguous() for n, p in model.state_dict().items()}
+    # state: the weights by name when the model's own are not whole (gathered from FSDP2's shards).
+    state = {n: p.detach().contiguous() for n, p in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as the embedding
     dtype = next(iter(state.values())).dtype

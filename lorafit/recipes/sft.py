@@ -1,7 +1,9 @@
 """Supervised fine-tuning, top to bottom: load, prepare, read data, advise, then the optimizer-step loop.
 
 The loss of one optimizer step is the sum of the token losses over its whole accumulation window divided
-by the window's label-token count (DESIGN §4), so batch 4 x 1, 2 x 2 and 1 x 4 give the same step.
+by the window's label-token count (DESIGN §4), so batch 4 x 1, 2 x 2 and 1 x 4 give the same step. With
+several ranks (training/distributed.py) the window spans the ranks and its count is summed over them, so 2
+ranks x 2 x 2 give the same step as one process with 2 x 4.
 """
 
 import random
@@ -15,6 +17,7 @@ from ..data import load_sft_dataset
 from ..lora import count_parameters
 from ..models.llama import PackedDocuments
 from ..training.checkpoint import save_checkpoint
+from ..training.distributed import SINGLE, Distributed, gradient_sync
 from ..training.loop import (OptimizerStep, TrainResult, finish_run, load_trainee, open_run, progress_bar,
                              stop_early, stop_requests, windows)
 from ..training.optim import build_optimizer
@@ -22,15 +25,21 @@ from ..training.schedule import build_scheduler
 
 
 def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: bool = True,
-            stop_at_step: int | None = None) -> TrainResult:
-    """stop_at_step: end after that optimizer step with a checkpoint, exactly as an interrupt would."""
+            stop_at_step: int | None = None, dist: Distributed = SINGLE) -> TrainResult:
+    """stop_at_step: end after that optimizer step with a checkpoint, exactly as an interrupt would.
+    dist: this process's rank in a data-parallel job (rank 0 alone logs and writes files)."""
     t = config.train
     output_dir = Path(t.output_dir)
-    torch.manual_seed(t.seed)
+    if not dist.is_main:
+        log, progress = (lambda *_: None), False
+    torch.manual_seed(t.seed)  # the same on every rank: the adapters start identical, as in one process
     random.seed(t.seed)
 
-    trainee = load_trainee(config, cache_dir)
+    trainee = load_trainee(config, cache_dir, dist=dist)
     model, tokenizer, device, autocast = trainee.model, trainee.tokenizer, trainee.device, trainee.autocast
+    wrapped = trainee.wrapped
+    if dist.enabled:  # dropout differs between ranks, as between the micro-batches of one process
+        torch.manual_seed(t.seed + dist.rank)
 
     data = load_sft_dataset(config.data.resolved_path(), tokenizer, config.model.max_seq_length,
                             format=config.data.format, train_on_responses_only=config.data.train_on_responses_only,
@@ -38,36 +47,42 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     log(data.stats.summary())
     if trainee.memory_plan:
         log(trainee.memory_plan)
-    plan = training_plan(config, len(data.train), 1, *count_parameters(model))
+    plan = training_plan(config, len(data.train), dist.world_size, *count_parameters(model))
     advice_table = format_advice(advise(config, plan))
     log(advice_table)
+    if dist.enabled:
+        log(f"data parallel: {dist.world_size} ranks, {trainee.strategy}")
 
     optimizer = build_optimizer(model, config.resolved_lr(), t.weight_decay)
     scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, t.scheduler)
     state = {"step": 0, "epoch": 0, "window": 0, "tokens": 0, "elapsed_s": 0.0}
-    state, metrics = open_run(config, model, optimizer, scheduler, state, resume, log)
+    state, metrics = open_run(config, model, optimizer, scheduler, state, resume, log, dist)
     optimizer_step = OptimizerStep(trainee.trainable, optimizer, scheduler, t.max_grad_norm, log)
 
     losses = []
     bar = progress_bar(plan.total_steps, state["step"], progress)
     model.train()
     with stop_requests() as stop:
-        for epoch, window, micro_batches in windows(data, t, state["epoch"], state["window"]):
+        for epoch, window, micro_batches in windows(data, t, state["epoch"], state["window"], dist):
             if state["step"] >= plan.total_steps:
                 break
             started = time.perf_counter()
-            window_tokens = sum(b["num_label_tokens"] for b in micro_batches)
+            counted = [0 if b.get("padding") else b["num_label_tokens"] for b in micro_batches]
+            window_tokens, = dist.sum(sum(counted))  # over the ranks' windows too
             loss = torch.zeros((), device=device)
-            for b in micro_batches:
+            for i, (b, n) in enumerate(zip(micro_batches, counted)):
                 # The micro-batch's mean loss, weighted by its share of the window's label tokens: the
-                # accumulated gradient is then that of the window's token mean.
-                part = batch_loss(model, b, autocast, device) * (b["num_label_tokens"] / window_tokens)
-                part.backward()
+                # accumulated gradient is then that of the window's token mean. Ranks average gradients,
+                # so each backpropagates world_size times its share (1x with one process).
+                with gradient_sync(wrapped, i == len(micro_batches) - 1):
+                    part = batch_loss(wrapped, b, autocast, device) * (n / window_tokens)
+                    (part * dist.world_size if dist.enabled else part).backward()
                 loss += part.detach()
+            loss = dist.sum_tensor(loss)
             grad_norm, lr = optimizer_step(loss, state["step"] + 1)
 
             seconds = time.perf_counter() - started
-            tokens = sum(b["num_tokens"] for b in micro_batches)
+            tokens = int(dist.sum(sum(b["num_tokens"] for b in micro_batches if not b.get("padding")))[0])
             state.update(step=state["step"] + 1, epoch=epoch, window=window + 1,
                          tokens=state["tokens"] + tokens, elapsed_s=state["elapsed_s"] + seconds)
             losses.append(loss.item())
@@ -79,12 +94,12 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
             bar.update(1)
 
             last = state["step"] == plan.total_steps
-            stopping = stop.requested or state["step"] == stop_at_step
+            stopping = dist.any(stop.requested) or state["step"] == stop_at_step  # all ranks stop together
             if last or stopping or (t.save_every and state["step"] % t.save_every == 0):
                 if data.eval and not stopping:
                     eval_loss = evaluate(model, data, t.batch_size, autocast, device)
                     metrics.write({"step": state["step"], "eval_loss": eval_loss})
-                save_checkpoint(output_dir, model, optimizer, scheduler, state)
+                save_checkpoint(output_dir, model, optimizer, scheduler, state, dist=dist)
             if stopping and not last:
                 bar.close()
                 stop_early(stop, output_dir, state["step"], log)
@@ -94,7 +109,7 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     eval_loss = evaluate(model, data, t.batch_size, autocast, device) if data.eval else None
     summary = {"steps": state["step"], "tokens": state["tokens"], "training time (s)": round(state["elapsed_s"], 1),
                "tokens per second": round(state["tokens"] / max(state["elapsed_s"], 1e-9), 1)}
-    final = finish_run(model, tokenizer, output_dir, advice_table, summary)
+    final = finish_run(model, tokenizer, output_dir, advice_table, summary, dist)
     return TrainResult(output_dir, final, state["step"], losses, eval_loss, model, tokenizer)
 
 
@@ -111,7 +126,8 @@ def batch_loss(model, batch: dict, autocast, device) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, data, batch_size: int, autocast, device) -> float:
-    """Token-weighted mean loss over the eval split."""
+    """Token-weighted mean loss over the eval split. Several ranks: each evaluates the whole split, in the
+    same order (FSDP2's forwards are collective), and gets the same number."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

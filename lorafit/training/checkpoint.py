@@ -6,6 +6,11 @@
 
 A checkpoint is written into a temporary folder that is renamed into place when complete, and the `latest`
 marker is replaced atomically afterwards: whatever moment a run dies at, `latest` names a whole checkpoint.
+
+With several ranks rank 0 alone writes: the same files, the weights and optimizer state gathered whole when
+FSDP2 shards them (the adapter inside is an ordinary PEFT adapter), rng.pt with every rank's generators.
+Every rank reads the checkpoint to resume (a filesystem all nodes see), with as many ranks as wrote it: the
+data position and the generators are per rank.
 """
 
 import json
@@ -17,8 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapter_io import load_adapter_weights, save_adapter
+from ..adapter_io import WEIGHTS_NAME, adapter_tensors, load_adapter_weights, save_adapter
 from ..errors import LorafitError
+from .distributed import (SINGLE, Distributed, full_state, gathered, is_sharded, load_full_weights,
+                          load_optimizer_state, optimizer_state)
 
 LATEST = "latest"
 
@@ -27,28 +34,36 @@ def checkpoints_dir(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(output_dir, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
-    """state: JSON-able trainer state (step, data position, ...). Keeps the newest `keep` checkpoints."""
+def save_checkpoint(output_dir, model, optimizer, scheduler, state: dict, keep: int = 2,
+                    dist: Distributed = SINGLE) -> Path:
+    """state: JSON-able trainer state (step, data position, ...). Keeps the newest `keep` checkpoints.
+    Several ranks: every rank calls it (gathering is collective); it returns once rank 0 has written."""
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:06d}"
     final, tmp = root / name, root / f".{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if getattr(model, "lora_config", None) is not None:
-        save_adapter(model, tmp / "adapter")
-    else:
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(_untie(trainable), tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces its old checkpoint
-    os.replace(tmp, final)
-    _write_atomically(root / LATEST, name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    lora = getattr(model, "lora_config", None) is not None
+    adapter = gathered(adapter_tensors(model)) if lora and is_sharded(model) else None
+    trainable = None if lora else {n: t.contiguous() for n, t in full_state(model, trainable_only=True).items()}
+    optimizer_tensors = optimizer_state(model, optimizer, dist)
+    rng = dist.gather_objects(_rng_state())
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if lora:
+            save_adapter(model, tmp / "adapter", tensors=adapter)
+        else:
+            save_file(_untie(trainable), tmp / "trainable.safetensors")
+        torch.save(optimizer_tensors, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng[0] if not dist.enabled else {"ranks": rng}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces its old checkpoint
+        os.replace(tmp, final)
+        _write_atomically(root / LATEST, name)
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -60,19 +75,27 @@ def latest_checkpoint(output_dir) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restores weights, optimizer, scheduler and RNG states in place; returns the trainer state."""
-    if (path / "adapter").is_dir():
+def load_checkpoint(path: Path, model, optimizer, scheduler, dist: Distributed = SINGLE) -> dict:
+    """Restores weights, optimizer, scheduler and RNG states in place; returns the trainer state. Several
+    ranks: every rank calls it; each takes its own generators' states."""
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    ranks = len(rng["ranks"]) if "ranks" in rng else 1
+    if ranks != dist.world_size:  # the data position and the generators are per rank
+        raise LorafitError(f"{path} was written by a run of {ranks} process(es); resume it with as many "
+                           f"(this run has {dist.world_size})")
+    if (path / "adapter").is_dir() and not is_sharded(model):
         load_adapter_weights(model, path / "adapter")
+    elif (path / "adapter").is_dir():
+        names = {id(p): n for n, p in model.named_parameters()}
+        by_file_name = {k: names[id(p)] for k, p in adapter_tensors(model).items()}
+        tensors = load_file(path / "adapter" / WEIGHTS_NAME)
+        load_full_weights(model, {by_file_name[k]: v for k, v in tensors.items()})
     else:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in load_file(path / "trainable.safetensors").items():
-                params[name].copy_(value)
+        load_full_weights(model, load_file(path / "trainable.safetensors"))
     # weights_only: a checkpoint folder is data, even one copied from elsewhere.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    _set_rng_state(rng["ranks"][dist.rank] if "ranks" in rng else rng)
     return json.loads((path / "state.json").read_text())
 
 

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapter_io import save_adapter
+from ..adapter_io import adapter_tensors, save_adapter
 from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
 from ..memory import GiB, device_budget_bytes, estimate_training_memory, plan_checkpointing
 from ..models.loading import load_model
 from .checkpoint import load_checkpoint, require_latest
+from .distributed import (SINGLE, Distributed, full_state, full_tensor, gathered, is_sharded, resolve_strategy,
+                          wrap_model)
 from .metrics import MetricsLog
 from .reference import ReferenceModel
 from .report import write_report
@@ -50,13 +52,18 @@ class Trainee:
     device: torch.device
     autocast: contextlib.AbstractContextManager  # enter it for every forward pass
     reference: ReferenceModel | None = None  # DPO's and GRPO's starting point, when asked for
+    # What training forwards run through: the DDP wrapper, else the model itself (FSDP2 shards it in place).
+    # Saving, evaluation and generation use `model`.
+    wrapped: torch.nn.Module | None = None
+    strategy: str = "none"  # none, ddp or fsdp (training/distributed.py)
     memory_plan: str = ""  # on a GPU: what the layers keep for backward and the estimated peak, to log
 
 
-def load_trainee(config, cache_dir=None, with_reference: bool = False) -> Trainee:
-    """Loads config.model, prepares config.finetune's method and keeps the trainable weights in float32."""
+def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Distributed = SINGLE) -> Trainee:
+    """Loads config.model, prepares config.finetune's method, keeps the trainable weights in float32 and,
+    with several ranks, wraps the model for data parallelism (config.train.distributed)."""
     model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, quantize=config.quantize,
-                                  cache_dir=cache_dir)
+                                  device=dist.device, cache_dir=cache_dir)
     prepare_for_finetuning(model, config.finetune.method, verbose=False, **config.finetune.adapter_options())
     model.disable_kernels(config.train.disable_kernels)
     # Before the float32 cast below: a frozen copy keeps the loaded dtype (half the memory in bf16).
@@ -70,8 +77,15 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False) -> Traine
         p.data = p.data.float()
     autocast = (torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32
                 else contextlib.nullcontext())
+    # Planned on the whole model: under FSDP2 each rank holds a share of the weights, so the plan is on
+    # the safe side there.
     memory_plan = choose_checkpointing(config, model, device)
-    return Trainee(model, tokenizer, trainable, device, autocast, reference, memory_plan)
+    strategy = resolve_strategy(config.train.distributed, model, dist)
+    wrapped = wrap_model(model, strategy, dist, base_dtype)
+    if strategy == "fsdp":  # fully_shard replaced every parameter by a sharded one
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    return Trainee(model, tokenizer, trainable, device, autocast, reference, wrapped, strategy,
+                   memory_plan)
 
 
 def choose_checkpointing(config, model, device: torch.device) -> str:
@@ -98,20 +112,33 @@ def choose_checkpointing(config, model, device: torch.device) -> str:
             f"peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})")
 
 
-def open_run(config, model, optimizer, scheduler, state: dict, resume: bool, log) -> tuple[dict, MetricsLog]:
+def open_run(config, model, optimizer, scheduler, state: dict, resume: bool, log,
+             dist: Distributed = SINGLE) -> tuple[dict, MetricsLog]:
     """Resumes from the newest checkpoint (or refuses to overwrite an earlier run's), writes config.yaml and
-    opens metrics.jsonl. Returns the trainer state to start from: `state` itself for a new run."""
+    opens metrics.jsonl (rank 0 only: the others get a log that writes nothing). Returns the trainer state
+    to start from: `state` itself for a new run."""
     output_dir = Path(config.train.output_dir)
     if resume:
         checkpoint = require_latest(output_dir)
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, dist)
         log(f"resumed from {checkpoint} (step {state['step']})")
     elif (output_dir / "checkpoints").exists():
         raise LorafitError(f"{output_dir} holds checkpoints of an earlier run: add --resume to continue it, "
                            f"or choose another train.output_dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config.to_yaml())
-    return state, MetricsLog(output_dir, resume_from_step=state["step"] if resume else None)
+    metrics = NoMetrics()
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.to_yaml())
+        metrics = MetricsLog(output_dir, resume_from_step=state["step"] if resume else None)
+    dist.barrier()  # no rank trains (and so none saves a checkpoint) before every rank has looked for one
+    return state, metrics
+
+
+class NoMetrics:
+    """The metrics log of ranks other than 0: they compute the same numbers and write none."""
+
+    def write(self, row: dict) -> None:
+        pass
 
 
 class OptimizerStep:
@@ -126,7 +153,8 @@ class OptimizerStep:
 
     def __call__(self, loss: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
         """loss: the step's accumulated loss (detached); step: its number. -> (gradient norm, lr used)."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
+        # Over all ranks: DDP's gradients are already reduced; FSDP2's norm is a DTensor, made whole here.
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm))
         lr = self.scheduler.get_last_lr()[0]
         if torch.isfinite(loss) and torch.isfinite(grad_norm):
             self.optimizer.step()
@@ -152,40 +180,73 @@ def stop_early(stop, output_dir, step: int, log) -> None:
     log(message)
 
 
-def finish_run(model, tokenizer, output_dir, advice_table: str, summary: dict) -> Path:
-    """Saves the final adapter (PEFT format) or model, writes report.md; returns the saved directory."""
+def finish_run(model, tokenizer, output_dir, advice_table: str, summary: dict, dist: Distributed = SINGLE) -> Path:
+    """Saves the final adapter (PEFT format) or model, writes report.md; returns the saved directory.
+    Several ranks: every rank takes part in gathering sharded weights; rank 0 alone writes."""
     output_dir = Path(output_dir)
-    if getattr(model, "lora_config", None) is not None:
-        final = save_adapter(model, output_dir / "adapter")
+    lora = getattr(model, "lora_config", None) is not None
+    final = output_dir / ("adapter" if lora else "model")
+    if lora:
+        tensors = gathered(adapter_tensors(model)) if is_sharded(model) else None
+        if dist.is_main:
+            save_adapter(model, final, tensors=tensors)
     else:
         from ..models.saving import save_model
 
-        final = save_model(model, tokenizer, output_dir / "model")
-    if getattr(tokenizer, "chat_template", None):
-        tokenizer.save_pretrained(final)  # the template the model was trained with travels with it
-    write_report(output_dir, advice_table, {**summary, "final output": final})
+        state = full_state(model, trainable_only=False) if is_sharded(model) else None
+        if dist.is_main:
+            save_model(model, tokenizer, final, state=state)
+    if dist.is_main:
+        if getattr(tokenizer, "chat_template", None):
+            tokenizer.save_pretrained(final)  # the template the model was trained with travels with it
+        write_report(output_dir, advice_table, {**summary, "final output": final})
+    dist.barrier()  # the run's files are complete before any rank returns
     model.eval()
     return final
 
 
-def windows(data, t, start_epoch: int, start_window: int):
+def windows(data, t, start_epoch: int, start_window: int, dist: Distributed = SINGLE):
     """(epoch, window index, micro-batches) for every optimizer step from the given position on.
 
     A window is grad_accum consecutive micro-batches of one epoch (the last of an epoch may be shorter);
-    epochs continue past train.epochs when max_steps asks for more steps.
+    epochs continue past train.epochs when max_steps asks for more steps. With several ranks see
+    `rank_batches`: window w of every rank together holds the examples of window w of one process whose
+    micro-batch x accumulation is ranks times larger.
     """
     epoch, window = start_epoch, start_window
-    per_epoch = data.num_batches(t.batch_size)
+    per_epoch = -(-data.num_batches(t.batch_size) // dist.world_size)
     while True:
         if window * t.grad_accum >= per_epoch:
             epoch, window = epoch + 1, 0
-        batches = data.batches(t.batch_size, epoch=epoch, seed=t.seed, start=window * t.grad_accum)
+        if dist.enabled:
+            batches = rank_batches(data, t.batch_size, epoch, t.seed, window * t.grad_accum, dist)
+        else:
+            batches = data.batches(t.batch_size, epoch=epoch, seed=t.seed, start=window * t.grad_accum)
         while True:
             micro = [b for _, b in zip(range(t.grad_accum), batches)]
             if not micro:
                 break
             yield epoch, window, micro
             window += 1
+
+
+def rank_batches(data, batch_size: int, epoch: int, seed: int, start: int, dist: Distributed):
+    """This rank's micro-batches of an epoch from its `start`-th on: micro-batch j of the epoch's order goes
+    to rank j % world_size (`data.batches`' shards), so the first grad_accum of every rank are the epoch's
+    first grad_accum x world_size micro-batches, and so on. Every rank must run as many micro-batches (each
+    forward and backward is collective), so when the epoch's count is not a multiple of the ranks, the
+    ranks left without a last one get a stand-in: a real micro-batch marked "padding", which the recipes
+    weigh by 0 (it adds nothing to the loss, the gradients or the counts)."""
+    total = data.num_batches(batch_size)
+    whole_rounds = total // dist.world_size
+    yield from data.batches(batch_size, epoch=epoch, seed=seed, start=min(start, whole_rounds),
+                            shard=dist.rank, num_shards=dist.world_size)
+    if total % dist.world_size and start <= whole_rounds:
+        last = whole_rounds * dist.world_size + dist.rank
+        if last < total:
+            yield next(data.batches(batch_size, epoch=epoch, seed=seed, start=last))
+        else:
+            yield {**next(data.batches(batch_size, epoch=epoch, seed=seed, start=total - 1)), "padding": True}
 
 
 class _StopFlag:
