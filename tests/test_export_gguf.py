@@ -233,3 +233,55 @@ def test_a_tokenizer_gguf_cannot_express_is_refused(tmp_path):
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     with pytest.raises(ExportError, match="splits text into words by a rule llama.cpp has no name for"):
         lorafit.export_gguf(model, tokenizer, tmp_path / "x.gguf")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_merge_and_export_from_an_adapter_directory(tmp_path, capsys):
+    """`--adapter DIR` loads the base that adapter_config.json names, loads the adapter, merges, writes."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.cli import main
+
+    model, tokenizer = tiny_lorafit_model("qwen2", tmp_path / "base")
+    lorafit.apply_lora(model, r=4, alpha=8, rslora=True, verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.normal_(0, 0.1)
+    lorafit.save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        adapter_logits = logits(model, tokenizer)
+
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template(CHATS[1], tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor([tokenizer(text).input_ids])).logits
+    torch.testing.assert_close(hf_logits, adapter_logits, atol=1e-4, rtol=0)
+
+    out = tmp_path / "gguf" / "model.gguf"
+    assert main(["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(out), "--qtype", "f32"]) == 0
+    back, back_tokenizer = lorafit.load_model(out, dtype="float32", device="cpu")
+    torch.testing.assert_close(logits(back, back_tokenizer), adapter_logits, atol=1e-4, rtol=0)
+    assert (tmp_path / "gguf" / "Modelfile").read_text().startswith("# Ollama Modelfile")
+    assert main(["export", "gguf-adapter", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf")]) == 0
+    printed = capsys.readouterr().out
+    assert "note: rsLoRA" in printed and "wrote" in printed
+    assert read_directory(tmp_path / "a.gguf").metadata["adapter.lora.alpha"] == pytest.approx(8 / 2 * 4)
+
+
+def test_cli_refuses_a_dora_adapter_gguf(tmp_path, capsys):
+    from lorafit.cli import main
+
+    model, _ = tiny_lorafit_model("llama", tmp_path / "base")
+    lorafit.apply_lora(model, r=4, dora=True, verbose=False)
+    lorafit.save_adapter(model, tmp_path / "dora")
+    assert main(["export", "gguf-adapter", "--adapter", str(tmp_path / "dora"), "--out", str(tmp_path / "a.gguf")]) == 1
+    err = capsys.readouterr()
+    assert "vLLM refuses DoRA adapters" in err.out
+    assert "lorafit: error: DoRA adapters cannot be a llama.cpp LoRA GGUF" in err.err
+    assert not (tmp_path / "a.gguf").exists()
+    assert main(["export", "gguf", "--out", str(tmp_path / "b.gguf")]) == 1
+    assert "needs --model SOURCE or --adapter DIR" in capsys.readouterr().err
