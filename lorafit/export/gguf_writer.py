@@ -207,7 +207,7 @@ def write_gguf(path, arch: str, metadata: dict[str, Any], tensors: Iterable[Plan
     writer = gguf.GGUFWriter(staging, arch)
     try:
         for key, value in metadata.items():
-            _add_metadata(writer, key, value, gguf)
+            _add_metadata(writer, key, value)
         for t in tensors:
             block, type_size = gguf.GGML_QUANT_SIZES[t.ggml_type]
             nbytes = math.prod(t.shape) // block * type_size
@@ -227,7 +227,7 @@ def write_gguf(path, arch: str, metadata: dict[str, Any], tensors: Iterable[Plan
     return path
 
 
-def _add_metadata(writer, key: str, value: Any, gguf) -> None:
+def _add_metadata(writer, key: str, value: Any) -> None:
     """Python values in the GGUF types llama.cpp reads them as: ids and sizes u32, floats f32, token types
     i32 (the converter's choices)."""
     if key == "general.architecture":
