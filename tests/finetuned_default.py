@@ -16,6 +16,7 @@ RANK, ALPHA = 8, 16  # rsLoRA: scaling 16 / sqrt(8) = 5.66, where plain LoRA wou
 def make_adapter(base_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """Saves the adapter (PEFT format, naming `base_dir` as its base) and returns its directory."""
     model, _ = lorafit.load_model(base_dir, dtype="float32", device="cpu")
+    torch.manual_seed(seed)  # A's Kaiming init draws from the global generator
     lorafit.apply_lora(model, r=RANK, alpha=ALPHA, rslora=True, verbose=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
