@@ -3,7 +3,8 @@
 from .adapter_io import load_adapter, save_adapter
 from .advisor import advise, training_plan
 from .config import Config
-from .errors import ConfigError, LoadError, LorafitError
+from .errors import ConfigError, ExportError, LoadError, LorafitError
+from .export import export_gguf, export_lora_gguf
 from .finetune import prepare_for_finetuning
 from .generate import generate
 from .models.config import ModelConfig
@@ -19,6 +20,7 @@ __all__ = [
     "CausalLM",
     "Config",
     "ConfigError",
+    "ExportError",
     "LoRALinear",
     "LoadError",
     "LorafitError",
@@ -26,6 +28,8 @@ __all__ = [
     "__version__",
     "advise",
     "apply_lora",
+    "export_gguf",
+    "export_lora_gguf",
     "generate",
     "load_adapter",
     "load_model",

@@ -52,12 +52,33 @@ def main(argv=None) -> int:
     t.add_argument("--nproc", type=int, default=None,
                    help="data-parallel processes on this machine (one per GPU): runs itself under torchrun")
 
+    m = sub.add_parser("merge", help="fold a LoRA adapter into its base model: a Hugging Face directory")
+    m.add_argument("--adapter", required=True, help="a PEFT adapter directory (lorafit train's adapter/)")
+    m.add_argument("--out", required=True, help="the directory to write")
+    m.add_argument("--model", default=None, help="the base model (default: the adapter's base_model_name_or_path)")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default: the base checkpoint's)")
+    x = sub.add_parser("export", help="write a model or adapter for llama.cpp / Ollama")
+    formats = x.add_subparsers(dest="format", required=True)
+    eg = formats.add_parser("gguf", help="a model GGUF (and an Ollama Modelfile beside it)")
+    eg.add_argument("--model", default=None, help="HF directory, .gguf, cached hub id or \"default\"; with --adapter: "
+                                                  "the base (default: the adapter's base_model_name_or_path)")
+    eg.add_argument("--adapter", default=None, help="a PEFT adapter directory: loaded on its base and merged")
+    eg.add_argument("--out", required=True, help="the .gguf file to write")
+    eg.add_argument("--qtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"])
+    eg.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile beside the GGUF")
+    ea = formats.add_parser("gguf-adapter", help="a LoRA adapter GGUF for llama.cpp (--lora), rsLoRA folded in")
+    ea.add_argument("--adapter", required=True, help="a PEFT adapter directory")
+    ea.add_argument("--model", default=None, help="the base (default: the adapter's base_model_name_or_path)")
+    ea.add_argument("--out", required=True, help="the .gguf file to write")
+    ea.add_argument("--qtype", default="f16", choices=["f32", "f16"])
+
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
     try:
         return {"generate": cmd_generate, "chat": cmd_chat, "advise": cmd_advise, "estimate": cmd_estimate,
-                "train": cmd_train}[args.command](args)
+                "train": cmd_train, "merge": cmd_merge, "export": cmd_export}[args.command](args)
     except LorafitError as e:
         print(f"lorafit: error: {e}", file=sys.stderr)
         return 1
@@ -355,4 +376,64 @@ def _train(args, dist) -> int:
                              max_new_tokens=48)
         if dist.is_main:
             print(f"\nAfter fine-tuning ({result.steps} steps of LoRA)\n  Q: {DEMO_QUESTION}\n  A: {after}")
+    return 0
+
+
+def _print_checks(config) -> None:
+    from .export.checks import adapter_checks
+
+    for message in adapter_checks(config):
+        print(f"note: {message}")
+
+
+def _adapter_with_checks(args):
+    from .export.adapter_source import load_adapter_model
+
+    model, tokenizer = load_adapter_model(args.adapter, args.model, cache_dir=_cache_dir())
+    _print_checks(model.lora_config)
+    return model, tokenizer
+
+
+def cmd_merge(args) -> int:
+    import torch
+
+    from .export.adapter_source import merged_dtype
+    from .lora import merge_lora
+    from .models.saving import save_model
+
+    model, tokenizer = _adapter_with_checks(args)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    dtype = dtype or merged_dtype(model)
+    merge_lora(model).to(dtype)
+    out = save_model(model, tokenizer, args.out)
+    print(f"wrote {out} (merged, {str(dtype).removeprefix('torch.')}): transformers, vLLM and llama.cpp's converter read it")
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.format == "gguf-adapter":
+        from .export.gguf_adapter import export_lora_gguf
+
+        model, _ = _adapter_with_checks(args)
+        path = export_lora_gguf(model, args.out, qtype=args.qtype)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): llama.cpp --lora {path} on the base's GGUF")
+        return 0
+    from .export.gguf_writer import export_gguf
+    from .export.modelfile import write_modelfile
+    from .lora import merge_lora
+
+    if args.adapter is not None:
+        model, tokenizer = _adapter_with_checks(args)
+        merge_lora(model)
+    elif args.model is not None:
+        from .models.loading import load_model
+
+        model, tokenizer = load_model(args.model, dtype="float32", device="cpu", cache_dir=_cache_dir())
+    else:
+        raise LorafitError("export gguf needs --model SOURCE or --adapter DIR")
+    path = export_gguf(model, tokenizer, args.out, qtype=args.qtype)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.qtype})")
+    if not args.no_modelfile:
+        modelfile = write_modelfile(tokenizer, path)
+        print(f"wrote {modelfile}: ollama create NAME -f {modelfile}")
     return 0

@@ -17,3 +17,8 @@ class ConfigError(LorafitError):
 class DataError(LorafitError):
     """A data file or one of its rows cannot be used for training: the message names the file, the row or
     line, and what was expected."""
+
+
+class ExportError(LorafitError):
+    """A model, adapter or tokenizer cannot be exported in the asked format: the message says what the
+    format or its consumer cannot hold, and what to do instead."""

@@ -21,11 +21,14 @@ FAMILIES = {
 }
 
 
-def tiny_hf_model(family: str, seed: int = 0):
+def tiny_hf_model(family: str, seed: int = 0, **config_overrides):
+    """config_overrides: config fields to change (vocab_size=320, hidden_size=64, ...)."""
     import torch
 
     torch.manual_seed(seed)
     config = FAMILIES[family]()
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
     # Random init leaves norms at 1 and biases at 0: perturb them so that they matter in the comparison.
     with torch.no_grad():

@@ -201,7 +201,7 @@ def _rope_scaling(path: Path, meta: dict, arch: str, rope_freqs, theta: float, h
     raise LoadError(f"{path}: rope scaling {kind!r} is not supported (supported: linear, yarn, llama3)")
 
 
-def _llama3_frequency_divisors(theta, head_dim, factor, low, high, original) -> list[float]:
+def llama3_frequency_divisors(theta, head_dim, factor, low, high, original) -> list[float]:
     """What llama.cpp stores in rope_freqs.weight for HF's llama3 rope parameters."""
     divisors = []
     for i in range(head_dim // 2):
@@ -239,7 +239,7 @@ def _llama3_rope_scaling(path: Path, divisors: list[float], theta: float, head_d
         high = low + original / slope
         candidates = [(round(factor, 3), round(low, 3), round(high, 3)), (factor, low, high)] + candidates
     for f, lo, hi in candidates:
-        expected = _llama3_frequency_divisors(theta, head_dim, f, lo, hi, original)
+        expected = llama3_frequency_divisors(theta, head_dim, f, lo, hi, original)
         if len(expected) == len(divisors) and all(
             math.isclose(a, b, rel_tol=1e-4) for a, b in zip(expected, divisors, strict=True)
         ):
@@ -301,6 +301,21 @@ def _hf_name(gguf_name: str) -> str | None:
     m = _LAYER_TENSOR.fullmatch(gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def hf_to_gguf_name(hf_name: str) -> str | None:
+    """The inverse of `_hf_name`: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight" (the writer's
+    names come from the same tables as the reader's, so the two cannot drift apart)."""
+    stem, _, suffix = hf_name.rpartition(".")
+    for gguf_stem, hf_stem in _GLOBAL_NAMES.items():
+        if stem == hf_stem and suffix == "weight":
+            return f"{gguf_stem}.weight"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if m and suffix in ("weight", "bias"):
+        for gguf_part, hf_part in _LAYER_NAMES.items():
+            if m.group(2) == hf_part:
+                return f"blk.{m.group(1)}.{gguf_part}.{suffix}"
     return None
 
 

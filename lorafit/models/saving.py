@@ -28,9 +28,8 @@ def save_model(model, tokenizer, directory, max_shard_bytes: int = MAX_SHARD_BYT
     (directory / "config.json").write_text(
         json.dumps({**model.hf_config, "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n"
     )
-    generation = {k: model.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in model.hf_config}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer.save_pretrained(directory)
+    (directory / "generation_config.json").write_text(json.dumps(generation_config(model, tokenizer), indent=2) + "\n")
+    tokenizer.save_pretrained(directory)  # tokenizer.json, tokenizer_config.json, the chat template
 
     shards, current, size = [], {}, 0
     for name, tensor in state.items():
@@ -52,3 +51,16 @@ def save_model(model, tokenizer, directory, max_shard_bytes: int = MAX_SHARD_BYT
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return directory
+
+
+def generation_config(model, tokenizer) -> dict:
+    """bos / eos / pad ids for generation_config.json: the model config's, else the tokenizer's. Without an
+    eos there, transformers' generate() would not stop at the end of an answer."""
+    generation = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = model.hf_config.get(key)
+        if value is None:
+            value = getattr(tokenizer, key, None)
+        if value is not None:
+            generation[key] = value
+    return generation
