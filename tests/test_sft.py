@@ -156,3 +156,44 @@ def test_example_configs_run_in_tiny_form(name, tiny_dir, tmp_path):
     result = run(config)
     assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
     assert result.final.name == ("model" if config.finetune.method == "full" else "adapter")
+
+
+def _memory_limit(monkeypatch, max_rows: int, after_calls: int):
+    """A simulated memory limit: once `after_calls` micro-batches have run, any of more than `max_rows` rows
+    raises torch's out-of-memory error, as a GPU at its limit would."""
+    import lorafit.recipes.sft as sft
+
+    real, calls = sft.batch_loss, {"n": 0}
+
+    def limited(model, batch, autocast, device):
+        calls["n"] += 1
+        if calls["n"] > after_calls and batch["input_ids"].shape[0] > max_rows:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(model, batch, autocast, device)
+
+    monkeypatch.setattr(sft, "batch_loss", limited)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(tiny_dir, tmp_path, monkeypatch):
+    """Issue 10: out of memory at step 3 of 4 x 2: the step is redone as 2 x 4 on the same examples, and
+    the run goes on so; the losses are those of a run that never ran out."""
+    overrides = ["train.max_steps=5", "train.batch_size=4", "train.grad_accum=2", "train.save_every=0"]
+    expected = run(config_for(tiny_dir, tmp_path / "free", *overrides)).losses
+    _memory_limit(monkeypatch, max_rows=2, after_calls=4)  # steps 1 and 2 fit; from step 3 on, 4 rows do not
+    logged = []
+    config = config_for(tiny_dir, tmp_path / "limited", *overrides)
+    got = run_sft(config, log=logged.append, progress=False).losses
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert "out of memory at step 3: micro-batch 4 -> 2, accumulation x2; redoing the step" in logged
+    rows = read_metrics(tmp_path / "limited" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("out_of_memory")] == [3] and len([r for r in rows if "loss" in r]) == 5
+
+
+def test_out_of_memory_with_one_row_says_what_to_change(tiny_dir, tmp_path, monkeypatch):
+    from lorafit.errors import LorafitError
+
+    _memory_limit(monkeypatch, max_rows=0, after_calls=0)
+    config = config_for(tiny_dir, tmp_path / "none", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1")
+    with pytest.raises(LorafitError, match="out of memory at step 1 with a micro-batch of 1 row: lower "
+                                           "model.max_seq_length"):
+        run(config)

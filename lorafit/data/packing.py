@@ -147,3 +147,11 @@ def block_causal_mask(document: torch.Tensor) -> torch.Tensor:
     same = document[:, :, None] == document[:, None, :]  # (B, S, S)
     causal = torch.ones(S, S, dtype=torch.bool, device=document.device).tril()
     return (same & causal)[:, None]
+
+
+def split_micro_batches(batches: list[dict], times: int) -> list[dict]:
+    """Each micro-batch halved `times` times (down to one row): the same examples in 2**times as many
+    micro-batches, the accumulation window an out-of-memory step is redone with."""
+    for _ in range(times):
+        batches = [half for b in batches for half in (split_rows(b) if b["input_ids"].shape[0] > 1 else (b,))]
+    return batches

@@ -14,6 +14,8 @@ import torch
 
 from ..advisor import advise, format_advice, training_plan
 from ..data import load_sft_dataset
+from ..data.packing import split_micro_batches
+from ..errors import LorafitError
 from ..lora import count_parameters
 from ..models.llama import PackedDocuments
 from ..training.checkpoint import save_checkpoint
@@ -60,6 +62,7 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     optimizer_step = OptimizerStep(trainee.trainable, optimizer, scheduler, t.max_grad_norm, log)
 
     losses = []
+    halvings = 0  # times the micro-batches were halved after running out of memory
     bar = progress_bar(plan.total_steps, state["step"], progress)
     model.train()
     with stop_requests() as stop:
@@ -69,15 +72,31 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
             started = time.perf_counter()
             counted = [0 if b.get("padding") else b["num_label_tokens"] for b in micro_batches]
             window_tokens, = dist.sum(sum(counted))  # over the ranks' windows too
-            loss = torch.zeros((), device=device)
-            for i, (b, n) in enumerate(zip(micro_batches, counted)):
-                # The micro-batch's mean loss, weighted by its share of the window's label tokens: the
-                # accumulated gradient is then that of the window's token mean. Ranks average gradients,
-                # so each backpropagates world_size times its share (1x with one process).
-                with gradient_sync(wrapped, i == len(micro_batches) - 1):
-                    part = batch_loss(wrapped, b, autocast, device) * (n / window_tokens)
-                    (part * dist.world_size if dist.enabled else part).backward()
-                loss += part.detach()
+            rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+            while True:
+                try:
+                    loss = accumulate(wrapped, split_micro_batches(micro_batches, halvings), window_tokens,
+                                      autocast, device, dist)
+                    break
+                except torch.OutOfMemoryError:
+                    # Free the window's partial gradients, halve the micro-batch (doubling the accumulation:
+                    # the same examples, so the same step up to float order) and redo it from the same RNG.
+                    model.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    rows = max(b["input_ids"].shape[0] for b in split_micro_batches(micro_batches, halvings))
+                    if dist.enabled or rows == 1:
+                        raise LorafitError(
+                            f"out of memory at step {state['step'] + 1} with a micro-batch of {rows} "
+                            f"{'row' if rows == 1 else 'rows'}{' on one of several ranks' if dist.enabled else ''}:"
+                            " lower model.max_seq_length, use train.activation_checkpointing: offload, or train a "
+                            "4-bit base (finetune.method: qlora)") from None
+                    halvings += 1
+                    torch.set_rng_state(rng[0])
+                    if rng[1] is not None:
+                        torch.cuda.set_rng_state_all(rng[1])
+                    log(f"out of memory at step {state['step'] + 1}: micro-batch {rows} -> {-(-rows // 2)}, "
+                        f"accumulation x{2 ** halvings}; redoing the step")
+                    metrics.write({"step": state["step"] + 1, "out_of_memory": True, "micro_batch": -(-rows // 2)})
             loss = dist.sum_tensor(loss)
             grad_norm, lr = optimizer_step(loss, state["step"] + 1)
 
@@ -111,6 +130,21 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
                "tokens per second": round(state["tokens"] / max(state["elapsed_s"], 1e-9), 1)}
     final = finish_run(model, tokenizer, output_dir, advice_table, summary, dist)
     return TrainResult(output_dir, final, state["step"], losses, eval_loss, model, tokenizer)
+
+
+def accumulate(wrapped, micro_batches, window_tokens: int, autocast, device, dist) -> torch.Tensor:
+    """Forward and backward of one accumulation window; -> its loss (this rank's share)."""
+    loss = torch.zeros((), device=device)
+    for i, b in enumerate(micro_batches):
+        n = 0 if b.get("padding") else b["num_label_tokens"]
+        # The micro-batch's mean loss, weighted by its share of the window's label tokens: the accumulated
+        # gradient is then that of the window's token mean. Ranks average gradients, so each backpropagates
+        # world_size times its share (1x with one process).
+        with gradient_sync(wrapped, i == len(micro_batches) - 1):
+            part = batch_loss(wrapped, b, autocast, device) * (n / window_tokens)
+            (part * dist.world_size if dist.enabled else part).backward()
+        loss += part.detach()
+    return loss
 
 
 def batch_loss(model, batch: dict, autocast, device) -> torch.Tensor:
