@@ -25,7 +25,9 @@ def test_real_weights_logits_match_transformers(smollm2, hf_smollm2):
     ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[1])])
     with torch.no_grad():
         diff = (model(ids).logits - hf_smollm2(ids).logits).abs().max().item()
-    assert diff <= 1e-3
+    # The same operations in the same order as transformers' Llama: 0.0 on the build machines (2026-11-30);
+    # 1e-5 leaves room for a BLAS that orders its sums differently.
+    assert diff <= 1e-5
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:3], ids=["plain", "chat", "code"])
