@@ -74,16 +74,16 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
             window_tokens, = dist.sum(sum(counted))  # over the ranks' windows too
             rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
             while True:
+                batches = split_micro_batches(micro_batches, halvings)
                 try:
-                    loss = accumulate(wrapped, split_micro_batches(micro_batches, halvings), window_tokens,
-                                      autocast, device, dist)
+                    loss = accumulate(wrapped, batches, window_tokens, autocast, device, dist)
                     break
                 except torch.OutOfMemoryError:
                     # Free the window's partial gradients, halve the micro-batch (doubling the accumulation:
                     # the same examples, so the same step up to float order) and redo it from the same RNG.
                     model.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
-                    rows = max(b["input_ids"].shape[0] for b in split_micro_batches(micro_batches, halvings))
+                    rows = max(b["input_ids"].shape[0] for b in batches)
                     if dist.enabled or rows == 1:
                         raise LorafitError(
                             f"out of memory at step {state['step'] + 1} with a micro-batch of {rows} "
