@@ -75,15 +75,18 @@ def training_plan(config: Config, num_examples: int | None, world_size: int = 1,
     if num_examples is not None and num_examples < 1:
         raise LorafitError("the training data has no examples")
     t = config.train
-    effective_batch = t.batch_size * t.grad_accum * world_size
+    # batch_size: auto chooses its micro-batch when the run starts; the step count depends on the effective
+    # batch alone (up to a short last window), so it is counted here with micro-batches of one.
+    batch_size, grad_accum = t.batch_split(world_size, 1 if t.batch_size == "auto" else None)
+    effective_batch = batch_size * grad_accum * world_size
     micro = steps_per_epoch = None
     if num_examples is not None:
         # Each rank takes every world_size-th batch; the last batch of an epoch may be short rather than
         # dropped (with 91 examples, dropping would lose up to batch_size*world_size - 1 of them every epoch).
-        micro = math.ceil(num_examples / (t.batch_size * world_size))
+        micro = math.ceil(num_examples / (batch_size * world_size))
         # The last optimizer step of an epoch may accumulate fewer micro-batches; the loss is normalised by
         # the tokens actually seen (DESIGN §4), so a short window is still a correct step.
-        steps_per_epoch = math.ceil(micro / t.grad_accum)
+        steps_per_epoch = math.ceil(micro / grad_accum)
     if t.max_steps is not None:
         total = t.max_steps
         epochs = total / steps_per_epoch if steps_per_epoch else None
@@ -255,22 +258,34 @@ def _targets(config: Config, plan: TrainingPlan) -> Advice:
 
 
 def _micro_batch(config: Config, plan: TrainingPlan) -> Advice:
+    why = "Examples per forward/backward on each device: the main driver of GPU memory."
+    if config.train.batch_size == "auto":
+        why += " auto: the largest that fits the memory budget, chosen when the run starts."
     return Advice("micro-batch", config.train.batch_size, "2; lower it first when memory runs out", "ok",
-                  "Examples per forward/backward on each device: the main driver of GPU memory.", "train.batch_size")
+                  why, "train.batch_size")
 
 
 def _grad_accum(config: Config, plan: TrainingPlan) -> Advice:
-    return Advice("gradient accumulation", config.train.grad_accum, "8; raise it when lowering the micro-batch",
-                  "ok", "Micro-batches summed per optimizer step: the main driver of time per update, not memory.",
+    t = config.train
+    value = "auto" if t.batch_size == "auto" else t.batch_split(plan.world_size)[1]
+    why = "Micro-batches summed per optimizer step: the main driver of time per update, not memory."
+    if t.batch_size == "auto" or t.effective_batch_size is not None:
+        why += " Set to keep the effective batch."
+    return Advice("gradient accumulation", value, "8; raise it when lowering the micro-batch", "ok", why,
                   "train.grad_accum")
 
 
 def _effective_batch(config: Config, plan: TrainingPlan) -> Advice:
     t, eb = config.train, plan.effective_batch
     low, high = EFFECTIVE_BATCH_RANGE
-    row = partial(Advice, "effective batch", eb, f"{low} to {high} ({BEST_EFFECTIVE_BATCH} recommended)")
-    product = (f"micro-batch x accumulation x data-parallel ranks = {t.batch_size} x {t.grad_accum} x "
-               f"{plan.world_size} = {eb}")
+    row = partial(Advice, "effective batch", eb, f"{low} to {high} ({BEST_EFFECTIVE_BATCH} recommended)",
+                  key="train.effective_batch_size" if t.effective_batch_size is not None else None)
+    if t.batch_size == "auto":
+        product = f"micro-batch x accumulation x data-parallel ranks, kept at {eb} whatever micro-batch fits"
+    else:
+        micro, accumulation = t.batch_split(plan.world_size)
+        product = (f"micro-batch x accumulation x data-parallel ranks = {micro} x {accumulation} x "
+                   f"{plan.world_size} = {eb}")
     if eb < low:
         return row("note", f"Examples per update: {product}; so few give noisy updates (raise grad_accum).")
     if eb > high:
@@ -292,8 +307,11 @@ def _total_steps(config: Config, plan: TrainingPlan) -> Advice:
     elif config.train.max_steps is not None:
         why = "Set by train.max_steps."
     else:
-        why = (f"epochs x ceil(ceil({plan.num_examples} examples / {config.train.batch_size * plan.world_size} "
-               f"per micro-batch) / {config.train.grad_accum} accumulation) = {plan.total_steps}.")
+        t = config.train
+        micro, accumulation = t.batch_split(plan.world_size, 1 if t.batch_size == "auto" else None)
+        why = (f"epochs x ceil(ceil({plan.num_examples} examples / {micro * plan.world_size} per micro-batch) / "
+               f"{accumulation} accumulation) = {plan.total_steps}"
+               + (", counted with micro-batches of 1 (auto)." if t.batch_size == "auto" else "."))
     return Advice("total optimizer steps", plan.total_steps, "-", "ok", why, None)
 
 

@@ -183,10 +183,17 @@ def cmd_estimate(args) -> int:
     from .config import Config
     from .estimate import DEVICES, build_meta_model, estimate, largest_fitting
     from .memory import GiB, plan_checkpointing
+    from .training.batch_size import choose_micro_batch
 
     config = Config.from_yaml(args.config, args.overrides)
     model = build_meta_model(config, _model_hf_config(config.model.source))
     card, tflops, budget = _estimate_device(args, DEVICES)
+    micro, batch_choice = None, ""
+    if config.train.batch_size == "auto":
+        micro, batch_choice = 1, "micro-batch auto: shown at 1; name a card (--gpu or --memory) to see what it picks"
+        if budget is not None:
+            micro, batch_choice = choose_micro_batch(config, model, budget)
+    config = config.with_batch(micro_batch=micro)  # integers for batch_size and grad_accum
     t, seq = config.train, config.model.max_seq_length
     per_sequence = 2 if t.recipe == "dpo" else 1  # DPO's micro-batch holds each pair's two answers
     n = model.config.num_layers
@@ -208,6 +215,8 @@ def cmd_estimate(args) -> int:
           + (f" r={config.finetune.r}" if config.finetune.method != "full" else "")
           + f"; micro-batch {t.batch_size} x {seq} tokens" + (" x 2 answers" if per_sequence == 2 else ""))
     print(f"card:   {card}" + (f", {budget / GiB:.1f} GiB usable" if budget else ""))
+    if batch_choice:
+        print(batch_choice)
     print()
     kept = result.modes.count("none")
     print(f"peak memory  {result.memory.summary()}")

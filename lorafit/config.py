@@ -15,7 +15,7 @@ Every section is frozen: derive a changed copy with `config.with_overrides([...]
 import difflib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -50,6 +50,10 @@ DEFAULT_LR = {
     ("grpo", "qlora"): 5e-6,
     ("grpo", "full"): 5e-6,
 }
+
+# DESIGN §1: micro-batch 2 x accumulation 8 = an effective batch of 16, the guide's recommendation.
+DEFAULT_GRAD_ACCUM = 8
+DEFAULT_EFFECTIVE_BATCH = 16
 
 # The demo dataset ships inside the package (lorafit/data/identity.json).
 DEMO_DATA = ("data", "identity.json")
@@ -111,13 +115,14 @@ class _Checker:
     def _set(self, name: str, value):
         object.__setattr__(self.obj, name, value)  # the dataclass is frozen; normalising is part of building it
 
-    def integer(self, name: str, minimum: int | None = None, below: int | None = None, nullable=False):
+    def integer(self, name: str, minimum: int | None = None, below: int | None = None, nullable=False,
+                alternative: str = ""):
         value = getattr(self.obj, name)
         if minimum is not None and below is not None:
             expected = f"an integer in [{minimum}, {below})"
         else:
             expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-        expected += " or null" if nullable else ""
+        expected += (" or null" if nullable else "") + alternative
         if value is None and nullable:
             return
         if isinstance(value, bool) or not isinstance(value, int):
@@ -277,8 +282,14 @@ class TrainSection:
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; when set it wins over epochs
     lr: float | None = None  # null: the guide's default for the recipe and method (see Config.resolved_lr)
-    batch_size: int = 2  # micro-batch: examples per forward/backward on each device
-    grad_accum: int = 8  # micro-batches per optimizer step
+    # Micro-batch: examples per forward/backward on each device; auto: the largest that fits the memory
+    # budget (estimated, then tried once on a GPU: training/batch_size.py), with grad_accum set to keep
+    # effective_batch_size.
+    batch_size: int | str = 2
+    grad_accum: int | None = None  # micro-batches per optimizer step; null: 8, or what effective_batch_size needs
+    # Examples per optimizer step over all ranks (micro-batch x grad_accum x ranks); null: that product, or
+    # with batch_size auto the guide's 16. Set it or grad_accum, not both.
+    effective_batch_size: int | None = None
     warmup_ratio: float = 0.05  # share of the optimizer steps that ramp the learning rate up from 0
     scheduler: str = "linear"
     weight_decay: float = 0.01
@@ -306,8 +317,17 @@ class TrainSection:
         check.integer("epochs", minimum=1)
         check.integer("max_steps", minimum=1, nullable=True)
         check.number("lr", low=0, low_open=True, nullable=True)
-        check.integer("batch_size", minimum=1)
-        check.integer("grad_accum", minimum=1)
+        if self.batch_size != "auto":
+            check.integer("batch_size", minimum=1, alternative=" or auto")
+        check.integer("grad_accum", minimum=1, nullable=True)
+        check.integer("effective_batch_size", minimum=1, nullable=True)
+        if self.grad_accum is not None and self.effective_batch_size is not None:
+            check.fail("grad_accum", "null when effective_batch_size is set (one follows from the other)",
+                       self.grad_accum)
+        if self.grad_accum is not None and self.batch_size == "auto":
+            check.fail("grad_accum", "null with batch_size: auto, which chooses it to keep effective_batch_size "
+                       "(null: 16)",
+                       self.grad_accum)
         check.number("warmup_ratio", low=0, high=1)
         check.choice("scheduler", SCHEDULERS)
         check.number("weight_decay", low=0)
@@ -321,6 +341,23 @@ class TrainSection:
         check.number("memory_budget_gib", low=0, low_open=True, nullable=True)
         check.names("disable_kernels", KERNELS)
         check.choice("distributed", DISTRIBUTED)
+
+    def batch_split(self, world_size: int = 1, micro_batch: int | None = None) -> tuple[int, int]:
+        """(micro-batch, accumulation) a run on world_size ranks trains with. micro_batch: what batch_size:
+        auto chose (training/batch_size.py); a fixed batch_size needs none."""
+        micro = self.batch_size if micro_batch is None else micro_batch
+        if micro == "auto":
+            raise ValueError("batch_size: auto needs the micro-batch it chose")
+        effective = self.effective_batch_size
+        if effective is None and self.batch_size == "auto":
+            effective = DEFAULT_EFFECTIVE_BATCH
+        if effective is None:
+            return micro, self.grad_accum or DEFAULT_GRAD_ACCUM
+        if effective % (micro * world_size):
+            raise ConfigError(f"train.effective_batch_size {effective} is not a whole number of micro-batches "
+                              f"of {micro} on {world_size} rank{'s' if world_size > 1 else ''}: make it a "
+                              f"multiple of {micro * world_size}")
+        return micro, effective // (micro * world_size)
 
 
 @dataclass(frozen=True)
@@ -412,8 +449,13 @@ class Config:
         if self.train.recipe == "grpo" and budget > self.model.max_seq_length:
             raise ConfigError(f"grpo: max_prompt_length + max_completion_length = {budget} tokens exceed "
                               f"model.max_seq_length = {self.model.max_seq_length}; raise it or lower them")
-        completions = self.train.batch_size * self.train.grad_accum
-        if self.train.recipe == "grpo" and completions % self.grpo.num_generations:
+        if self.train.recipe == "grpo" and self.train.batch_size == "auto":
+            raise ConfigError("train.batch_size: auto is for sft and dpo; GRPO's micro-batches are completions "
+                              "of generated groups: set an integer")
+        if self.train.recipe != "grpo":
+            return
+        completions = math.prod(self.train.batch_split())
+        if completions % self.grpo.num_generations:
             accum = math.lcm(completions, self.grpo.num_generations) // self.train.batch_size
             raise ConfigError(
                 f"grpo: an optimizer step takes train.batch_size x grad_accum = {completions} completions, which "
@@ -460,15 +502,22 @@ class Config:
         read as YAML, so numbers, lists, true/false and null work as in a file."""
         if isinstance(overrides, str):
             overrides = [overrides]  # a lone string would otherwise be iterated character by character
-        data, config = self.to_dict(), self
-        for override in overrides:
-            section, key, value = parse_override(override)
+        data = self.to_dict()
+        parsed = [(override, parse_override(override)) for override in overrides]
+        for _, (section, key, value) in parsed:
+            data.setdefault(section, {})[key] = value
+        try:
+            return Config.from_dict(data)  # together: train.batch_size=auto train.grad_accum=null is valid
+        except ConfigError:
+            pass
+        data = self.to_dict()  # one at a time, to name the first override that makes the config invalid
+        for override, (section, key, value) in parsed:
             data.setdefault(section, {})[key] = value
             try:
-                config = Config.from_dict(data)
+                Config.from_dict(data)
             except ConfigError as e:
                 raise ConfigError(f"override {override!r}: {e}") from None
-        return config
+        raise AssertionError("overrides that fail together fail one at a time")  # unreachable
 
     # --- writing
 
@@ -487,6 +536,13 @@ class Config:
     def resolved_lr(self) -> float:
         """The learning rate training uses: the user's, or the guide's default for the recipe and method."""
         return default_lr(self.train.recipe, self.finetune.method) if self.train.lr is None else self.train.lr
+
+    def with_batch(self, world_size: int = 1, micro_batch: int | None = None) -> "Config":
+        """A copy whose train.batch_size and grad_accum are the integers a run on world_size ranks uses
+        (TrainSection.batch_split), for the recipes and the run's config.yaml."""
+        micro, accumulation = self.train.batch_split(world_size, micro_batch)
+        return replace(self, train=replace(self.train, batch_size=micro, grad_accum=accumulation,
+                                           effective_batch_size=None))
 
     @property
     def quantize(self) -> str | None:

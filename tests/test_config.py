@@ -20,8 +20,8 @@ GUIDE_DEFAULTS = {
                  "rslora": False, "dora": False, "modules_to_save": []},
     "data": {"path": None, "format": "auto", "train_on_responses_only": True, "packing": False,
              "eval_fraction": 0.0},
-    "train": {"recipe": "sft", "epochs": 1, "max_steps": None, "lr": None, "batch_size": 2, "grad_accum": 8,
-              "warmup_ratio": 0.05, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": 1.0,
+    "train": {"recipe": "sft", "epochs": 1, "max_steps": None, "lr": None, "batch_size": 2, "grad_accum": None,
+              "effective_batch_size": None, "warmup_ratio": 0.05, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": 1.0,
               "seed": 3407, "output_dir": "runs/sft", "save_every": 100, "log_every": 1,
               "activation_checkpointing": "auto", "memory_budget_gib": None,
               "disable_kernels": [], "distributed": "auto"},
@@ -48,6 +48,7 @@ def error_of(fn, *args, **kwargs) -> str:
 def test_defaults_are_the_guide():
     config = Config()
     assert config.to_dict() == GUIDE_DEFAULTS
+    assert config.train.batch_split() == (2, 8)  # grad_accum null: the guide's 8, an effective batch of 16
     assert config.finetune.resolved_alpha == 16
     assert config.resolved_lr() == 2e-4
     assert Config.from_dict({}) == Config.from_dict(None) == config
@@ -105,12 +106,12 @@ def test_unknown_keys_suggest_the_right_one(data, expected):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("train.batch_size", "two", "train.batch_size must be an integer >= 1, got 'two'"),
-    ("train.batch_size", 0, "train.batch_size must be an integer >= 1, got 0"),
-    ("train.batch_size", True, "train.batch_size must be an integer >= 1, got true"),
+    ("train.batch_size", "two", "train.batch_size must be an integer >= 1 or auto, got 'two'"),
+    ("train.batch_size", 0, "train.batch_size must be an integer >= 1 or auto, got 0"),
+    ("train.batch_size", True, "train.batch_size must be an integer >= 1 or auto, got true"),
     ("train.epochs", 1.5, "train.epochs must be an integer >= 1, got 1.5"),
     ("train.epochs", 0, "train.epochs must be an integer >= 1, got 0"),
-    ("train.grad_accum", 0, "train.grad_accum must be an integer >= 1, got 0"),
+    ("train.grad_accum", 0, "train.grad_accum must be an integer >= 1 or null, got 0"),
     ("train.max_steps", 0, "train.max_steps must be an integer >= 1 or null, got 0"),
     ("train.lr", 0, "train.lr must be a number > 0 or null, got 0"),
     ("train.lr", "fast", "train.lr must be a number > 0 or null, got 'fast'"),
@@ -144,7 +145,7 @@ def test_type_and_domain_errors_name_the_key_and_what_it_accepts(key, value, exp
 
 def test_file_and_override_errors_say_where(tmp_path):
     path = write(tmp_path, "train:\n  batch_size: two\n")
-    assert error_of(Config.from_yaml, path) == f"{path}: train.batch_size must be an integer >= 1, got 'two'"
+    assert error_of(Config.from_yaml, path) == f"{path}: train.batch_size must be an integer >= 1 or auto, got 'two'"
     good = write(tmp_path, "train:\n  epochs: 2\n", "good.yaml")
     assert error_of(Config.from_yaml, good, ["train.lerning_rate=1e-4"]) == (
         "override 'train.lerning_rate=1e-4': unknown key train.lerning_rate (did you mean train.lr?)")
@@ -184,7 +185,7 @@ def test_resolved_alpha_and_scaling():
 def test_python_api_is_the_same_schema():
     config = Config(train={"lr": 1e-4}, finetune=FinetuneSection(targets=["q_proj"]))
     assert config.train.lr == 1e-4 and config.finetune.targets == ("q_proj",)
-    assert error_of(TrainSection, batch_size=0) == "train.batch_size must be an integer >= 1, got 0"
+    assert error_of(TrainSection, batch_size=0) == "train.batch_size must be an integer >= 1 or auto, got 0"
     assert "unknown key train.lerning_rate" in error_of(Config, train={"lerning_rate": 1})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.train.lr = 1.0

@@ -40,12 +40,14 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
     random.seed(t.seed)
 
     trainee = load_trainee(config, cache_dir, with_reference=True, dist=dist)
+    config, t = trainee.config, trainee.config.train  # batch_size and grad_accum as the run trains
     model, tokenizer, device, autocast = trainee.model, trainee.tokenizer, trainee.device, trainee.autocast
     reference, wrapped = trainee.reference, trainee.wrapped
     if dist.enabled:  # dropout differs between ranks, as between the micro-batches of one process
         torch.manual_seed(t.seed + dist.rank)
-    if trainee.memory_plan:
-        log(trainee.memory_plan)
+    for line in (trainee.batch_choice, trainee.memory_plan):
+        if line:
+            log(line)
 
     data = load_preference_dataset(config.data.resolved_path(), tokenizer, config.model.max_seq_length,
                                    eval_fraction=config.data.eval_fraction, seed=t.seed)

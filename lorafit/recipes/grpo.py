@@ -55,12 +55,14 @@ def run_grpo(config, resume: bool = False, cache_dir=None, log=print, progress: 
 
     # beta 0: the reference is never needed, and never made.
     trainee = load_trainee(config, cache_dir, with_reference=g.beta > 0, dist=dist)
+    config, t = trainee.config, trainee.config.train  # batch_size and grad_accum as the run trains
     model, tokenizer, device, autocast = trainee.model, trainee.tokenizer, trainee.device, trainee.autocast
     reference, wrapped = trainee.reference, trainee.wrapped
     if dist.enabled:  # dropout differs between ranks, as between the micro-batches of one process
         torch.manual_seed(t.seed + dist.rank)
-    if trainee.memory_plan:
-        log(trainee.memory_plan)
+    for line in (trainee.batch_choice, trainee.memory_plan):
+        if line:
+            log(line)
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 

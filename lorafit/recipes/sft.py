@@ -38,6 +38,7 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     random.seed(t.seed)
 
     trainee = load_trainee(config, cache_dir, dist=dist)
+    config, t = trainee.config, trainee.config.train  # batch_size and grad_accum as the run trains
     model, tokenizer, device, autocast = trainee.model, trainee.tokenizer, trainee.device, trainee.autocast
     wrapped = trainee.wrapped
     if dist.enabled:  # dropout differs between ranks, as between the micro-batches of one process
@@ -47,8 +48,9 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
                             format=config.data.format, train_on_responses_only=config.data.train_on_responses_only,
                             packing=config.data.packing, eval_fraction=config.data.eval_fraction, seed=t.seed)
     log(data.stats.summary())
-    if trainee.memory_plan:
-        log(trainee.memory_plan)
+    for line in (trainee.batch_choice, trainee.memory_plan):
+        if line:
+            log(line)
     plan = training_plan(config, len(data.train), dist.world_size, *count_parameters(model))
     advice_table = format_advice(advise(config, plan))
     log(advice_table)

@@ -7,6 +7,7 @@ import contextlib
 import math
 import signal
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
 from ..memory import GiB, device_budget_bytes, estimate_training_memory, plan_checkpointing
 from ..models.loading import load_model
+from .batch_size import budget_bytes, choose_micro_batch, fits_one_step
 from .checkpoint import load_checkpoint, require_latest
 from .distributed import (SINGLE, Distributed, full_state, full_tensor, gathered, is_sharded, resolve_strategy,
                           wrap_model)
@@ -57,11 +59,14 @@ class Trainee:
     wrapped: torch.nn.Module | None = None
     strategy: str = "none"  # none, ddp or fsdp (training/distributed.py)
     memory_plan: str = ""  # on a GPU: what the layers keep for backward and the estimated peak, to log
+    config: object = None  # the run's config, train.batch_size and grad_accum made the integers it trains with
+    batch_choice: str = ""  # with batch_size: auto, the micro-batch chosen and why, to log
 
 
 def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Distributed = SINGLE) -> Trainee:
-    """Loads config.model, prepares config.finetune's method, keeps the trainable weights in float32 and,
-    with several ranks, wraps the model for data parallelism (config.train.distributed)."""
+    """Loads config.model, prepares config.finetune's method, keeps the trainable weights in float32, settles
+    the micro-batch and accumulation (Trainee.config), plans checkpointing and, with several ranks, wraps the
+    model for data parallelism (config.train.distributed)."""
     model, tokenizer = load_model(config.model.source, dtype=config.model.dtype, quantize=config.quantize,
                                   device=dist.device, cache_dir=cache_dir)
     prepare_for_finetuning(model, config.finetune.method, verbose=False, **config.finetune.adapter_options())
@@ -77,15 +82,27 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Dis
         p.data = p.data.float()
     autocast = (torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32
                 else contextlib.nullcontext())
+    strategy = resolve_strategy(config.train.distributed, model, dist)
+    micro, batch_choice = None, ""
+    if config.train.batch_size == "auto":
+        # Under FSDP2 the whole model is not meant to fit one device: the estimate alone decides there.
+        # A CPU does not report running out of memory (the system kills): the estimate alone decides there.
+        try_step = None
+        if device.type == "cuda" and strategy != "fsdp":
+            try_step = partial(fits_one_step, model, seq_len=config.model.max_seq_length, autocast=autocast,
+                               device=device)
+        micro, batch_choice = choose_micro_batch(config, model, budget_bytes(device, config.train.memory_budget_gib),
+                                                 dist.world_size, try_step)
+        micro = -dist.max(-micro)  # every rank trains the same micro-batch: the smallest any could take
+    config = config.with_batch(dist.world_size, micro)
     # Planned on the whole model: under FSDP2 each rank holds a share of the weights, so the plan is on
     # the safe side there.
     memory_plan = choose_checkpointing(config, model, device)
-    strategy = resolve_strategy(config.train.distributed, model, dist)
     wrapped = wrap_model(model, strategy, dist, base_dtype)
     if strategy == "fsdp":  # fully_shard replaced every parameter by a sharded one
         trainable = [p for p in model.parameters() if p.requires_grad]
     return Trainee(model, tokenizer, trainable, device, autocast, reference, wrapped, strategy,
-                   memory_plan)
+                   memory_plan, config, batch_choice)
 
 
 def choose_checkpointing(config, model, device: torch.device) -> str:
