@@ -78,7 +78,7 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)  # the packed W + s·BA; other row counts take the path below, on W
         if torch.is_grad_enabled() and self._fused_path_applies(x):
             # Training: one autograd function that keeps no copies of x (kernels/lora_linear.py).
-            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+            return lora_linear(x, self._frozen_weight(), self.base_layer.bias, self.lora_A.weight,
                                self.lora_B.weight, self.scaling, self.compute_adapters(x.dtype))
         y = self.base_layer(x)
         # Adapters train in float32 over a bf16 base: outside autocast the input meets them in their dtype
@@ -105,7 +105,7 @@ class LoRALinear(nn.Module):
     def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up); in training the product is recomputed in backward instead of being kept."""
         if torch.is_grad_enabled() and not self.disabled and self._fused_path_applies(gate):
-            return swiglu_lora_linear(gate, up, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+            return swiglu_lora_linear(gate, up, self._frozen_weight(), self.base_layer.bias, self.lora_A.weight,
                                       self.lora_B.weight, self.scaling, self.compute_adapters(gate.dtype))
         return self(torch.ops.lorafit.swiglu(gate, up))
 
@@ -121,8 +121,15 @@ class LoRALinear(nn.Module):
 
     def _fused_path_applies(self, x: torch.Tensor) -> bool:
         base = self.base_layer
-        return (isinstance(base, nn.Linear) and not base.weight.requires_grad and x.dtype == base.weight.dtype
-                and isinstance(self.lora_dropout, nn.Identity) and self.lora_magnitude_vector is None)
+        if isinstance(base, nn.Linear):
+            frozen_in_x_dtype = not base.weight.requires_grad and x.dtype == base.weight.dtype
+        else:  # NF4: frozen by construction
+            frozen_in_x_dtype = is_quantized_linear(base) and x.dtype == base.compute_dtype
+        return frozen_in_x_dtype and isinstance(self.lora_dropout, nn.Identity) and self.lora_magnitude_vector is None
+
+    def _frozen_weight(self):
+        """What lora_linear multiplies by: a dense base's weight, or the NF4 layer, dequantised there on demand."""
+        return self.base_layer.weight if isinstance(self.base_layer, nn.Linear) else self.base_layer
 
     def can_pack_merged(self) -> bool:
         """Whether CPU decoding can run this layer as one packed W + s·BA (nn/linear.py): a float32 base,

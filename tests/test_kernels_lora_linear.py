@@ -72,3 +72,23 @@ def test_swiglu_input_recomputed_in_backward_gives_the_same_result(dtype):
     plain = run(lambda gate, up, w, a, lb: lora_linear(reference.swiglu(gate, up), w, None, a, lb, 0.5))
     for got, want in zip(fused, plain):  # the same operations in the same order: equal
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_nf4_base_gives_its_dequantised_weights_result_and_keeps_no_dense_copy(dtype):
+    """QLoRA: the NF4 layer is dequantised in forward and again in backward; what backward keeps is x and
+    the adapters' small tensors, never the (C_out, C_in) weight."""
+    from lorafit.nn.nf4 import NF4Linear
+    from lorafit.kernels.lora_linear import swiglu_lora_linear
+
+    x, weight, b, a, lb = _inputs(dtype, True)
+    base = NF4Linear.from_weight(weight.float(), b, compute_dtype=dtype)
+    dense = base.dequantized_weight()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        quantized = _run(lambda x, _, b, a, lb, s: lora_linear(x, base, b, a, lb, s), dtype, True)
+        gate = torch.randn(2, 5, 72).to(dtype).requires_grad_()
+        swiglu_lora_linear(gate, gate.detach().clone().requires_grad_(), base, b, a, lb, 0.5).sum().backward()
+    assert tuple(dense.shape) not in saved
+    for got, want in zip(quantized, _run(lambda x, _, b, a, lb, s: lora_linear(x, dense, b, a, lb, s), dtype, True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same operations on the same numbers

@@ -68,7 +68,8 @@ class GateUpWeights:
 def can_fuse(gate, up, down, x: torch.Tensor) -> bool:
     """Plain LoRA (no dropout, no DoRA, adapters on) over dense frozen bias-free bases, in x's dtype."""
     layers = (gate, up, down)
-    return (all(hasattr(m, "lora_A") and not m.disabled and m._fused_path_applies(x) for m in layers)
+    return (all(hasattr(m, "lora_A") and not m.disabled and m._fused_path_applies(x)
+                and isinstance(m.base_layer, nn.Linear) for m in layers)  # not NF4: M holds dense W
             and all(m.base_layer.bias is None for m in layers)
             and gate.lora_A.weight.shape[0] == up.lora_A.weight.shape[0] and gate.scaling == up.scaling)
 
