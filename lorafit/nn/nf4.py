@@ -228,12 +228,12 @@ class NF4Linear(nn.Module):
     result back.
 
     Why `weight`, `absmax` and `nested_scales` are frozen parameters (requires_grad=False) and not buffers:
-    FSDP2's `fully_shard` shards parameters and leaves buffers whole on every rank, and these three hold
-    all but 4 bytes of the layer (0.516 bytes per weight), so as parameters a QLoRA base is sharded like
-    any other frozen weight (training/distributed.py). Nothing trains them: no optimizer, gradient or
-    adapter file sees a parameter that does not require grad. `nested_offset` stays a buffer: a 0-dim
-    tensor has no dim 0 to shard on, and 4 bytes a layer are not worth a reshape that would change its
-    checkpoint shape.
+    FSDP2's `fully_shard` shards parameters and leaves buffers whole on every rank, and these three are
+    all of a layer's stored state but a 4-byte offset (0.516 bytes per weight), so as parameters a QLoRA
+    base is sharded like any other frozen weight (training/distributed.py). Nothing trains them: no
+    optimizer, gradient or adapter file sees a parameter that does not require grad. `nested_offset`
+    stays a buffer: a 0-dim tensor has no dim 0 to shard on, and 4 bytes a layer are not worth a reshape
+    that would change its checkpoint shape. The code books (1,088 bytes a layer) stay whole too.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, compute_dtype=torch.float32,
