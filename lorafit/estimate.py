@@ -85,11 +85,13 @@ def build_meta_model(config, hf_config: dict):
 
 def estimate(config, model, tokens_per_micro_batch: int, seq_len: int, modes: list[str],
              budget_bytes: int | None, tflops: float | None) -> Estimate:
+    from .lora import count_parameters
+
     memory = estimate_training_memory(model, tokens_per_micro_batch, modes)
     seconds = None
     if tflops is not None:
         flops = model_flops_per_token(model, seq_len)
-        n_params = sum(p.numel() for p in model.parameters()) + sum(2 * b.numel() for b in model.buffers())
+        n_params = count_parameters(model)[1]  # a 4-bit weight by its shape, not its packed bytes
         none_mfu, offload_mfu = next(v for size, v in MEASURED_MFU.items() if n_params >= size)
         mfu = none_mfu + (offload_mfu - none_mfu) * modes.count("offload") / len(modes)
         seconds = config.train.grad_accum * tokens_per_micro_batch * flops / (tflops * 1e12 * mfu)

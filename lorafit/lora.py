@@ -283,14 +283,18 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); a tied embedding counts once, as PEFT counts it. A quantised layer's weight is a
-    buffer of packed codes, so it is counted from its shape."""
+    """(trainable, total); a tied embedding counts once, as PEFT counts it. A quantised layer's weight counts
+    by its shape: the packed codes and scales that it stores as frozen parameters are not weights."""
+    quantized = [m for m in model.modules() if is_quantized_linear(m)]
+    stored = {id(p) for m in quantized for p in m.parameters() if p is not m.bias}
     trainable = total = 0
     for p in model.parameters():
+        if id(p) in stored:
+            continue
         n = p.numel()
         total += n
         trainable += n if p.requires_grad else 0
-    total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m))
+    total += sum(m.in_features * m.out_features for m in quantized)
     return trainable, total
 
 

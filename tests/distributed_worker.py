@@ -2,9 +2,10 @@
 
     torchrun --nproc-per-node 2 tests/distributed_worker.py CONFIG.yaml [--resume] [--stop-at-step K]
 
-Like `lorafit train`, but with stop_at_step (an interruption at a known step, for the resume test), and
+Like `lorafit train`, but with stop_at_step (an interruption at a known step, for the resume test),
 --audit: every rank prints what it created, wrote, renamed or removed under train.output_dir (Python's audit
-events: open for writing, mkdir, rename/replace, remove, rmtree), so a test can check that rank 0 alone did."""
+events: open for writing, mkdir, rename/replace, remove, rmtree), so a test can check that rank 0 alone did,
+and --nf4-bytes: every rank prints how many bytes of the NF4 layers' stored state it holds after training."""
 
 import argparse
 import os
@@ -23,6 +24,7 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-at-step", type=int, default=None)
     parser.add_argument("--audit", action="store_true")
+    parser.add_argument("--nf4-bytes", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks on a 2-core machine
     config = Config.from_yaml(args.config)
@@ -37,8 +39,25 @@ def main():
         print(f"rank {dist.rank}: {result.steps} steps, losses {result.losses}", flush=True)
         if args.audit:
             print(f"rank {dist.rank} wrote {len(written)}: {sorted(set(written))[:5]}", flush=True)
+        if args.nf4_bytes:
+            held, whole, tensors = nf4_bytes(result.model)
+            print(f"rank {dist.rank} holds {held} of {whole} NF4 bytes in {tensors} tensors", flush=True)
     finally:
         shutdown(dist)
+
+
+def nf4_bytes(model) -> tuple[int, int, int]:
+    """(bytes this rank holds, bytes of the whole model, tensors) of the NF4 layers' stored state: their
+    shards where FSDP2 sharded them (DTensors), else the tensors themselves."""
+    from torch.distributed.tensor import DTensor
+
+    from lorafit.nn.nf4 import NF4Linear
+
+    state = [getattr(m, name) for m in model.modules() if isinstance(m, NF4Linear)
+             for name in ("weight", "absmax", "nested_scales", "nested_offset") if getattr(m, name) is not None]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in state]
+    return (sum(t.numel() * t.element_size() for t in local), sum(t.numel() * t.element_size() for t in state),
+            len(state))
 
 
 def watch_files(root: str, written: list) -> None:

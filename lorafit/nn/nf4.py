@@ -221,10 +221,19 @@ class _NF4Matmul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4; forward dequantises to `compute_dtype`.
 
-    Buffers: `weight` (packed uint8 codes: the name a checkpoint gives the weight), `absmax`, and with
-    double quantisation `nested_scales` and `nested_offset`; `code` / `nested_code` are the code books
-    (non-persistent: constants, kept per layer so that they follow the module to its device). `bias`, if
-    any, stays dense and frozen. Inputs of another dtype are cast to `compute_dtype` and the result back.
+    Stored state, by the names a checkpoint gives it: `weight` (packed uint8 codes), `absmax`, and with
+    double quantisation `nested_scales` and `nested_offset`. `code` / `nested_code` are the code books
+    (non-persistent buffers: constants, kept per layer so that they follow the module to its device).
+    `bias`, if any, stays dense and frozen. Inputs of another dtype are cast to `compute_dtype` and the
+    result back.
+
+    Why `weight`, `absmax` and `nested_scales` are frozen parameters (requires_grad=False) and not buffers:
+    FSDP2's `fully_shard` shards parameters and leaves buffers whole on every rank, and these three are
+    all of a layer's stored state but a 4-byte offset (0.516 bytes per weight), so as parameters a QLoRA
+    base is sharded like any other frozen weight (training/distributed.py). Nothing trains them: no
+    optimizer, gradient or adapter file sees a parameter that does not require grad. `nested_offset`
+    stays a buffer: a 0-dim tensor has no dim 0 to shard on, and 4 bytes a layer are not worth a reshape
+    that would change its checkpoint shape. The code books (1,088 bytes a layer) stay whole too.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, compute_dtype=torch.float32,
@@ -237,12 +246,13 @@ class NF4Linear(nn.Module):
         n = in_features * out_features
         blocks = -(-n // BLOCK_SIZE)
         empty = lambda size, dtype: torch.empty(size, dtype=dtype, device=device)  # noqa: E731
-        self.register_buffer("weight", empty((n + 1) // 2, torch.uint8))
-        self.register_buffer("absmax", empty(blocks, torch.uint8 if double_quant else torch.float32))
+        frozen = lambda size, dtype: nn.Parameter(empty(size, dtype), requires_grad=False)  # noqa: E731
+        self.weight = frozen((n + 1) // 2, torch.uint8)
+        self.absmax = frozen(blocks, torch.uint8 if double_quant else torch.float32)
         device = self.weight.device  # also right inside a `with torch.device(...)` block
         self.register_buffer("code", NF4_CODE.to(device), persistent=False)
         if double_quant:
-            self.register_buffer("nested_scales", empty(-(-blocks // NESTED_BLOCK_SIZE), torch.float32))
+            self.nested_scales = frozen(-(-blocks // NESTED_BLOCK_SIZE), torch.float32)
             self.register_buffer("nested_offset", empty((), torch.float32))
             self.register_buffer("nested_code", dynamic_code().to(device), persistent=False)
         else:
@@ -271,7 +281,9 @@ class NF4Linear(nn.Module):
             if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
                 raise ValueError(f"NF4 {name} is {tensor.dtype} {tuple(tensor.shape)}; a {out_features}x{in_features} "
                                  f"weight needs {expected.dtype} {tuple(expected.shape)}")
-            setattr(layer, name, tensor.to(device))
+            tensor = tensor.to(device)
+            setattr(layer, name, nn.Parameter(tensor, requires_grad=False) if isinstance(expected, nn.Parameter)
+                    else tensor)
         if bias is not None:
             # A bias still on the meta device stays a placeholder: the model loader fills it when it arrives.
             bias_device = bias.device if bias.is_meta else device
@@ -284,12 +296,12 @@ class NF4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) or .half() must move the quantised state but never round it (a bf16 absmax
-        # or code book would shift every weight): buffers keep their dtype; the bias and compute_dtype follow.
-        def keep_buffer_dtype(t):
+        # or code book would shift every weight): it keeps its dtype; the bias and compute_dtype follow.
+        def keep_state_dtype(t):
             out = fn(t)
             return out if t is self.bias or out.dtype == t.dtype else t.to(out.device)
 
-        super()._apply(keep_buffer_dtype, recurse)
+        super()._apply(keep_state_dtype, recurse)
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device)).dtype
         return self
 
@@ -321,7 +333,8 @@ def bytes_per_parameter(module: nn.Module) -> float:
     layers = [m for m in module.modules() if isinstance(m, NF4Linear)]
     if not layers:
         raise ValueError(f"{type(module).__name__} contains no NF4Linear layer")
-    stored = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
+    stored = sum(t.numel() * t.element_size() for m in layers for t in [*m.parameters(), *m.buffers()]
+                 if t is not m.bias)
     return stored / sum(m.in_features * m.out_features for m in layers)
 
 
