@@ -145,12 +145,38 @@ def main() -> None:
         "mfu": round(mfu, 3), "peak_tflops": round(peak), "losses": [round(x, 4) for x in losses], "qlora": args.qlora,
         "load_s": round(load_s, 1),
     }
+    row.update(what_estimate_says(args, cfg, modes))
+    step_s = sum(timed) / len(timed)
+    row["step_s"] = round(step_s, 3)
+    print(f"estimate (lorafit estimate, issue 10): peak {row['estimate_peak_GiB']} GiB vs {row['peak_alloc_GiB']} "
+          f"measured ({100 * (row['estimate_peak_GiB'] / row['peak_alloc_GiB'] - 1):+.1f}%); step "
+          f"{row['estimate_step_s']} s vs {row['step_s']} s ({100 * (row['estimate_step_s'] / step_s - 1):+.1f}%)")
     label = f"{'QLoRA, ' if args.qlora else ''}{checkpointing}{'' if model.kernels else ', no kernels'}" + \
         "".join(f", no {name}" for name in args.disable_kernels)
     print(f"| {row['model']} | lorafit ({label}) | {row['tokens_per_s']} | {row['peak_alloc_GiB']} GiB "
           f"| MFU {100 * mfu:.1f}% |")
     record("gpu_anchor", [row], results=args.results or RESULTS, micro_batch=args.micro_batch,
            seq_len=args.seq_len, grad_accum=args.grad_accum, lora_r=16)
+
+
+def what_estimate_says(args, cfg: dict, modes) -> dict:
+    """`lorafit estimate` for this run, computed as the command computes it: the model built on the meta
+    device from config.json, the peak memory of lorafit/memory.py for the checkpointing used here, and the
+    step time of lorafit/estimate.py at this card's table rate."""
+    from lorafit import Config
+    from lorafit.estimate import DEVICES, build_meta_model, estimate
+    from lorafit.memory import GiB
+
+    config = Config.from_dict({
+        "model": {"source": args.model, "dtype": "bfloat16", "max_seq_length": args.seq_len},
+        "finetune": {"method": "qlora" if args.qlora else "lora", "r": 16, "alpha": 16},
+        "train": {"batch_size": args.micro_batch, "grad_accum": args.grad_accum}})
+    meta = build_meta_model(config, cfg)
+    modes = [modes] * cfg["num_hidden_layers"] if isinstance(modes, str) else list(modes)
+    card = next(name for name in DEVICES if name.split("-")[0] in torch.cuda.get_device_name())
+    result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card][1])
+    return {"estimate_peak_GiB": round(result.memory.total / GiB, 2), "estimate_step_s": round(result.step_seconds, 3),
+            "estimate_card": card}
 
 
 def max_context(model, trainable, vocab_size: int, start: int, resolution: int = 1024) -> int:

@@ -1,6 +1,7 @@
 """Where the anchor workload's GPU time goes, and how fast the host link is.
 
     python benchmarks/gpu_profile.py --preset llama-3.1-8b [--checkpointing none|layers|offload] [--no-kernels]
+                                     [--qlora]
 
 Builds the preset's architecture with random weights straight on the GPU (no 16 GB checkpoint on disk),
 applies LoRA r=16 to all 7 projections as gpu_anchor.py does, and profiles the forward and backward of one
@@ -41,10 +42,12 @@ KINDS = [  # first match wins
 ]
 
 
-def build_model(preset: str):
+def build_model(preset: str, qlora: bool = False):
     import lorafit
     from lorafit.models.llama import CausalLM
+    from lorafit.models.loading import _is_quantizable, _swap_module
     from lorafit.models.registry import model_config_from_hf
+    from lorafit.nn.nf4 import NF4Linear
 
     hf = {"model_type": "llama", "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
           "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001, **PRESETS[preset]}
@@ -54,6 +57,11 @@ def build_model(preset: str):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
         p.requires_grad_(False)
+    if qlora:  # the decoder's projections in NF4, as load_model(quantize="nf4") leaves them
+        for name, module in list(model.named_modules()):
+            if _is_quantizable(name, module):
+                _swap_module(model, name, NF4Linear.from_linear(module))
+        torch.cuda.empty_cache()
     lorafit.apply_lora(model, r=16, alpha=16, dropout=0.0, targets="all-linear")
     for p in model.parameters():
         if p.requires_grad:
@@ -107,11 +115,12 @@ def main() -> None:
     p.add_argument("--timed", type=int, default=6, help="micro-batches timed without the profiler")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--skip-link", action="store_true")
+    p.add_argument("--qlora", action="store_true", help="the projections in NF4")
     args = p.parse_args()
 
     if not args.skip_link:
         print("host link (pinned, 1 GiB):", {k: round(v, 1) for k, v in host_link_rates().items()})
-    model, hf = build_model(args.preset)
+    model, hf = build_model(args.preset, args.qlora)
     model.activation_checkpointing = args.checkpointing
     model.kernels = not args.no_kernels
     if args.disable_kernels:
