@@ -239,6 +239,36 @@ def test_fsdp_gathers_4_bit_layers_in_their_own_dtypes(tiny_dir):
     assert torch.equal(logits, expected)
 
 
+def test_a_torch_that_cannot_shard_uint8_keeps_the_4_bit_state_whole(tiny_dir, monkeypatch):
+    """torch before 2.13 (the H200 machine's 2.11) cannot shard a uint8 parameter: the NF4 state then stays
+    whole on every rank, outside FSDP2, and the rest is sharded; the numbers are the same."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import lorafit.training.distributed as distributed
+    from lorafit.lora import apply_lora
+    from lorafit.models.loading import load_model
+
+    def qlora_model():
+        model, _ = load_model(tiny_dir, dtype="float32", quantize="nf4", device="cpu")
+        return apply_lora(model, verbose=False)
+
+    x = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        expected = qlora_model()(x).logits
+    monkeypatch.setattr(distributed, "fsdp_shards_integer_parameters", lambda: False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = distributed.wrap_model(qlora_model(), "fsdp", Distributed(), torch.float32)
+        with torch.no_grad():
+            logits = model(x).logits
+    finally:
+        dist.destroy_process_group()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert not isinstance(q_proj.base_layer.weight, DTensor) and isinstance(q_proj.lora_A.weight, DTensor)
+    assert torch.equal(logits, expected)
+
+
 def test_dpo_under_two_ranks_equals_one_process(tiny_dir, tmp_path):
     """DDP; the loss is the mean over the window's pairs of both ranks; 10 pairs (5 micro-batches) make the
     second rank run a stand-in in the epoch's last window."""

@@ -12,7 +12,8 @@ Strategies (train.distributed):
           parameter and gathers a layer's weights just before using them. Needed when the weights plus the
           trainable weights' gradients and AdamW state do not fit one device (full fine-tuning of 8B).
           A QLoRA base is sharded too: NF4Linear keeps its 4-bit state as frozen parameters (nn/nf4.py),
-          gathered with the rest of its layer (Llama-3.1-8B: 3.35 GiB of NF4 state, 1.68 GiB a rank on 2 GPUs).
+          gathered with the rest of its layer (Llama-3.1-8B: 3.35 GiB of NF4 state, 1.68 GiB a rank on 2 GPUs;
+          with torch 2.13 or later, see fsdp_shards_integer_parameters).
     auto  ddp when the model fits a device (see `fits_one_device`), else fsdp; nothing with one process.
 
 Loss normalisation (DESIGN §4): a step's loss is the sum of token losses over all ranks and the whole
@@ -174,6 +175,7 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Distributed,
         from ..lora import is_quantized_linear
 
         keep_dtypes = cast = MixedPrecisionPolicy()
+        kept_whole = set()  # 4-bit state this torch cannot shard (fsdp_shards_integer_parameters)
         if d.device is not None and d.device.type == "cuda" and compute_dtype != torch.float32:
             # Gather every weight in the compute dtype (bf16: half the traffic, and the matmuls run in it
             # under autocast anyway); reduce the trainable weights' gradients in float32, their own dtype.
@@ -185,10 +187,13 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Distributed,
             # to bf16 and so shifting every weight: such a layer keeps its dtypes. The cost: its float32
             # adapters travel in float32 (8B, r=16: 5.2 MB a layer instead of 2.6, beside 113 MB of NF4
             # state, +2.3%), and the LoRA layers cast them for autocast themselves, as one process does.
-            quantized = any(is_quantized_linear(m) for m in layer.modules())
-            fully_shard(layer, mp_policy=keep_dtypes if quantized else cast)
+            quantized = [m for m in layer.modules() if is_quantized_linear(m)]
+            whole = set() if fsdp_shards_integer_parameters() else {
+                p for m in quantized for p in m.parameters() if p is not m.bias}
+            fully_shard(layer, mp_policy=keep_dtypes if quantized else cast, ignored_params=whole or None)
+            kept_whole |= whole
         # The rest: embeddings, final norm, LM head (never 4-bit: loading quantises decoder layers only).
-        fully_shard(model, mp_policy=cast)
+        fully_shard(model, mp_policy=cast, ignored_params=kept_whole or None)
         # FSDP2 gathers the weights afresh into the same tensors before every forward, unseen by what keeps
         # weights between forwards: the LoRA layers' compute-dtype adapter copies (keyed on tensor versions)
         # and the fused LoRA MLP's matrix, which re-lays gate and up (kernels/lora_mlp.py).
@@ -199,6 +204,15 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Distributed,
                 m.fused_lora = False
         return model
     raise ValueError(f"strategy must be none, ddp or fsdp, got {strategy!r}")
+
+
+def fsdp_shards_integer_parameters() -> bool:
+    """Whether FSDP2 can shard a uint8 parameter (an NF4 base's codes). Before torch 2.13 it made every
+    sharded parameter require grad, which an integer tensor cannot (pytorch issue 177844; torch 2.11 on the
+    H200 machine raised "only Tensors of floating point dtype can require gradients"): there the 4-bit state
+    stays whole on every rank, outside FSDP2, and only the rest of the model is sharded."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
