@@ -174,7 +174,7 @@ def what_estimate_says(args, cfg: dict, modes) -> dict:
     meta = build_meta_model(config, cfg)
     modes = [modes] * cfg["num_hidden_layers"] if isinstance(modes, str) else list(modes)
     card = next(name for name in DEVICES if name.split("-")[0] in torch.cuda.get_device_name())
-    result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card][1])
+    result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card])
     return {"estimate_peak_GiB": round(result.memory.total / GiB, 2), "estimate_step_s": round(result.step_seconds, 3),
             "estimate_card": card}
 

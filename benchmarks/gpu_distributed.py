@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 2 benchmarks/gpu_distributed.py --model DIR --strategy ddp
     torchrun --standalone --nproc-per-node 2 benchmarks/gpu_distributed.py --model DIR --strategy fsdp
     torchrun --standalone --nproc-per-node 2 benchmarks/gpu_distributed.py --model DIR --strategy fsdp --full
+    torchrun --standalone --nproc-per-node 2 benchmarks/gpu_distributed.py --model DIR --strategy fsdp --qlora
     torchrun --standalone --nproc-per-node 2 benchmarks/gpu_distributed.py --model TINY --device cpu --seq-len 64
 
 The workload is benchmarks/gpu_anchor.py's (../shared/bench's random-weight Llama directory, bf16, LoRA r=16
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--model", required=True, help="a directory written by anchor_bench.py make-model")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with one process: none")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--qlora", action="store_true", help="LoRA on an NF4 base (sharded under fsdp)")
     p.add_argument("--checkpointing", default="none", choices=["none", "layers", "offload"])
     p.add_argument("--no-kernels", action="store_true", help="the plain PyTorch path (before/after)")
     p.add_argument("--micro-batch", type=int, default=2)
@@ -71,7 +73,9 @@ def main() -> None:
     cfg = json.loads((Path(args.model) / "config.json").read_text())
 
     started = time.perf_counter()
-    model, _ = lorafit.load_model(args.model, dtype=dtype, device=device)
+    if args.qlora and args.full:
+        raise SystemExit("--qlora trains adapters on a 4-bit base: it does not go with --full")
+    model, _ = lorafit.load_model(args.model, dtype=dtype, device=device, quantize="nf4" if args.qlora else None)
     load_s = time.perf_counter() - started
     torch.manual_seed(args.seed)  # the same adapters on every rank
     if args.full:
@@ -139,7 +143,8 @@ def main() -> None:
             flops = 1.5 * (model_flops_per_token(cfg, 0, args.seq_len) - attention) + attention
         mfu = flops * tokens_per_s / dist.world_size / (peak * 1e12) if peak else None
         row = {
-            "system": "lorafit", "model": Path(args.model).name, "method": "full" if args.full else "lora",
+            "system": "lorafit", "model": Path(args.model).name,
+            "method": "full" if args.full else "qlora" if args.qlora else "lora",
             "strategy": strategy, "ranks": dist.world_size, "checkpointing": args.checkpointing,
             "kernels": not args.no_kernels, "tokens_per_s": round(tokens_per_s),
             "tokens_per_s_per_rank": round(tokens_per_s / dist.world_size),

@@ -144,7 +144,8 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
+                 with_stack=True) as prof:
         micro_step(model, x)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -166,6 +167,13 @@ def main() -> None:
     mm = [a for a in averages if a.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")]
     for a in sorted(mm, key=lambda a: -a.device_time_total)[: args.top]:
         print(f"  {a.device_time_total / 1e3:8.2f} ms  x{a.count:<4d} {a.key:12s} {a.input_shapes}")
+    print("\ncopies and casts by caller (device time; the Python frames that asked for them)")
+    averages = prof.key_averages(group_by_input_shape=True, group_by_stack_n=4)
+    copies = [a for a in averages if a.key in ("aten::copy_", "aten::_to_copy", "aten::clone")]
+    for a in sorted(copies, key=lambda a: -a.device_time_total)[:8]:
+        print(f"  {a.device_time_total / 1e3:8.2f} ms  x{a.count:<4d} {a.key:12s} {a.input_shapes}")
+        for frame in a.stack[:4]:
+            print(f"        {frame}")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def cmd_estimate(args) -> int:
 
     config = Config.from_yaml(args.config, args.overrides)
     model = build_meta_model(config, _model_hf_config(config.model.source))
-    card, tflops, budget = _estimate_device(args, DEVICES)
+    card, device, budget = _estimate_device(args, DEVICES)
     micro, batch_choice = None, ""
     if config.train.batch_size == "auto":
         micro, batch_choice = 1, "micro-batch auto: shown at 1; name a card (--gpu or --memory) to see what it picks"
@@ -209,7 +209,7 @@ def cmd_estimate(args) -> int:
             return ["offload"] * n
 
     tokens = t.batch_size * seq * per_sequence
-    result = estimate(config, model, tokens, seq, modes_for(tokens), budget, tflops)
+    result = estimate(config, model, tokens, seq, modes_for(tokens), budget, device)
     print(f"config: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"model:  {config.model.source}, {config.finetune.method}"
           + (f" r={config.finetune.r}" if config.finetune.method != "full" else "")
@@ -254,7 +254,8 @@ def cmd_estimate(args) -> int:
 
 
 def _estimate_device(args, devices):
-    """(name, bf16 TFLOP/s or None, usable bytes or None) from --gpu, --memory, or the GPU present."""
+    """(name, its lorafit.estimate.Device or None, usable bytes or None) from --gpu, --memory, or the GPU
+    present."""
     import torch
 
     from .memory import GiB
@@ -274,9 +275,8 @@ def _estimate_device(args, devices):
         return "none given (--gpu or --memory): memory only, no verdict", None, None
     if name not in devices:
         raise LorafitError(f"unknown --gpu {name!r}; known: {', '.join(devices)} (or give --memory GiB)")
-    memory_gib, tflops = devices[name]
     # 5% for the CUDA context and fragmentation, as train.memory_budget_gib's default
-    return name, tflops, int(0.95 * memory_gib * GiB)
+    return name, devices[name], int(0.95 * devices[name].memory_gib * GiB)
 
 
 def _count_rows(path: Path) -> int | None:

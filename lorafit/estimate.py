@@ -2,8 +2,17 @@
 
 The model is built on the meta device (shapes only) and prepared as training prepares it, so the weights,
 adapters and optimizer states counted are the run's own; activations and workspace come from
-lorafit/memory.py. Time is the step's model FLOPs over the card's bf16 matmul rate times the share of it
-lorafit reached on the anchor workload (MEASURED_MFU): a rough figure until more shapes are measured.
+lorafit/memory.py.
+
+Time. A micro-batch takes the longer of two clocks (`micro_batch_seconds`):
+- the GPU's: the model FLOPs at the share of the card's bf16 matmul rate that lorafit's kernels reach
+  (GPU_MFU), plus, for a 4-bit base, reading and writing each weight dequantised once per pass;
+- the host's: eager PyTorch launches ~150-200 kernels per decoder layer forward and backward, one by one
+  from Python, and the GPU cannot run ahead of them (LAUNCH_SECONDS_PER_LAYER). A 1B model at 2 x 2048
+  tokens is bound by this clock (128 ms launched, 41 ms of GPU work); Llama-3.1-8B sits at the crossing
+  (250 ms and 240 ms).
+The constants were measured on one H200 and its host (benchmarks/results.jsonl, device calls 7-13); the
+H200 rows of that file set the estimate beside each measurement (benchmarks/gpu_anchor.py).
 """
 
 from dataclasses import dataclass
@@ -12,23 +21,40 @@ import torch
 
 from .memory import estimate_training_memory
 
-# name: (memory in GiB as torch reports it, dense bf16 matmul TFLOP/s). H200 and H100: 8192^3 bf16 matmuls
-# measured (benchmarks/gpu_anchor.py on an H200, 2026-11-30: 787-800; ../shared/bench on an H100: 707).
-# A100 and L4: their datasheets' dense bf16 rate, which measured rates fall 10-20% short of.
+
+@dataclass(frozen=True)
+class Device:
+    memory_gib: float  # as torch reports it
+    tflops: float  # dense bf16 matmul rate
+    bandwidth_tbs: float  # memory bandwidth, TB/s (datasheet)
+
+
+# H200 and H100: 8192^3 bf16 matmuls measured (benchmarks/gpu_anchor.py on an H200, 2026-11-30: 787-800;
+# ../shared/bench on an H100: 707). A100 and L4: their datasheets' dense bf16 rate, which measured rates
+# fall 10-20% short of.
 DEVICES = {
-    "H200": (140.4, 790.0),
-    "H100": (79.1, 707.0),
-    "A100-80GB": (79.2, 312.0),
-    "A100-40GB": (39.4, 312.0),
-    "L4": (22.0, 121.0),
+    "H200": Device(140.4, 790.0, 4.8),
+    "H100": Device(79.1, 707.0, 3.35),
+    "A100-80GB": Device(79.2, 312.0, 2.0),
+    "A100-40GB": Device(39.4, 312.0, 1.56),
+    "L4": Device(22.0, 121.0, 0.3),
 }
-# The share of that rate lorafit's LoRA training reached on the anchor workload (2 x 2048 tokens, H200,
-# 2026-11-30, benchmarks/results.jsonl): by model size, without and with every layer offloaded. A 1B model
-# is held back by the CPU launching ~2,400 kernels per micro-batch, not by the GPU.
-MEASURED_MFU = {  # parameters at least: (none, offload)
-    4e9: (0.668, 0.431),
-    0: (0.217, 0.169),
+# The share of the matmul rate the GPU keeps on lorafit's kernels, by checkpointing mode: Llama-3.1-8B LoRA,
+# 2 x 2048 tokens, H200. none: 241 ms of kernels for 130.6 TFLOP (benchmarks/gpu_profile.py); offload and
+# layers: 385 ms per micro-batch (device call 8), the recomputed forward and the copies included.
+GPU_MFU = {"none": 0.69, "layers": 0.431, "offload": 0.431}
+# Host seconds to launch one decoder layer's forward and backward, from Llama-3.2-1B on the H200's host,
+# whose GPU work is a third of it: 128 ms per micro-batch / 16 layers without checkpointing, 165 ms
+# offloaded (device call 9); QLoRA 114 and 189 ms (device call 13). Full fine-tuning launches as LoRA.
+LAUNCH_SECONDS_PER_LAYER = {
+    ("lora", "none"): 8.0e-3, ("lora", "layers"): 10.3e-3, ("lora", "offload"): 10.3e-3,
+    ("qlora", "none"): 7.1e-3, ("qlora", "layers"): 11.8e-3, ("qlora", "offload"): 11.8e-3,
 }
+# Bytes moved per 4-bit weight value and pass: its half byte read, the bf16 copy written and read back by the
+# GEMM, at half the card's bandwidth: 1.9 ns per value per pass on the H200, which is Llama-3.1-8B QLoRA's
+# time over LoRA's (268 vs 249 ms without checkpointing, 433 vs 385 offloaded; device calls 7, 8, 12).
+DEQUANT_BYTES_PER_VALUE = 4.5
+DEQUANT_BANDWIDTH_SHARE = 0.5
 
 
 def model_flops_per_token(model, seq_len: int) -> float:
@@ -84,18 +110,29 @@ def build_meta_model(config, hf_config: dict):
 
 
 def estimate(config, model, tokens_per_micro_batch: int, seq_len: int, modes: list[str],
-             budget_bytes: int | None, tflops: float | None) -> Estimate:
-    from .lora import count_parameters
-
+             budget_bytes: int | None, device: Device | None) -> Estimate:
+    """device: a DEVICES entry for the time; None: memory only."""
     memory = estimate_training_memory(model, tokens_per_micro_batch, modes)
     seconds = None
-    if tflops is not None:
-        flops = model_flops_per_token(model, seq_len)
-        n_params = count_parameters(model)[1]  # a 4-bit weight by its shape, not its packed bytes
-        none_mfu, offload_mfu = next(v for size, v in MEASURED_MFU.items() if n_params >= size)
-        mfu = none_mfu + (offload_mfu - none_mfu) * modes.count("offload") / len(modes)
-        seconds = config.train.grad_accum * tokens_per_micro_batch * flops / (tflops * 1e12 * mfu)
+    if device is not None:
+        micro_batches = config.train.batch_split()[1]
+        seconds = micro_batches * micro_batch_seconds(model, tokens_per_micro_batch, seq_len, modes,
+                                                      config.finetune.method, device)
     return Estimate(modes, memory, budget_bytes, seconds)
+
+
+def micro_batch_seconds(model, tokens: int, seq_len: int, modes: list[str], method: str, device: Device) -> float:
+    """Forward and backward of one micro-batch: the longer of the GPU's time and the host's (module docstring)."""
+    from .nn.nf4 import NF4Linear
+
+    mfu = sum(GPU_MFU[m] for m in modes) / len(modes)
+    gpu = tokens * model_flops_per_token(model, seq_len) / (device.tflops * 1e12 * mfu)
+    passes = sum(3 if m != "none" else 2 for m in modes) / len(modes)  # forward, backward, and a recompute
+    values = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    gpu += passes * values * DEQUANT_BYTES_PER_VALUE / (device.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
+    kind = "qlora" if method == "qlora" else "lora"
+    host = sum(LAUNCH_SECONDS_PER_LAYER[(kind, m)] for m in modes)
+    return max(gpu, host)
 
 
 def largest_fitting(fits, start: int, limit: int) -> int:
