@@ -167,6 +167,12 @@ def main() -> None:
     mm = [a for a in averages if a.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")]
     for a in sorted(mm, key=lambda a: -a.device_time_total)[: args.top]:
         print(f"  {a.device_time_total / 1e3:8.2f} ms  x{a.count:<4d} {a.key:12s} {a.input_shapes}")
+    print("\nhost time by op (self CPU time: what launching costs; the GPU waits when this exceeds its work)")
+    ops = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
+    host = sum(a.self_cpu_time_total for a in ops)
+    print(f"  {host / 1e3:.1f} ms of host time in {sum(a.count for a in ops)} op calls")
+    for a in sorted(ops, key=lambda a: -a.self_cpu_time_total)[: args.top]:
+        print(f"  {a.self_cpu_time_total / 1e3:8.2f} ms  x{a.count:<5d} {a.key[:90]}")
     print("\ncopies and casts by caller (device time; the Python frames that asked for them)")
     averages = prof.key_averages(group_by_input_shape=True, group_by_stack_n=4)
     copies = [a for a in averages if a.key in ("aten::copy_", "aten::_to_copy", "aten::clone")]

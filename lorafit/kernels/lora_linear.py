@@ -18,7 +18,7 @@ cuBLAS/MKL's, which no hand-written kernel beats at these shapes.
 
 import torch
 
-from . import swiglu as _swiglu_ops  # noqa: F401  (registers lorafit::swiglu and its backward)
+from .swiglu import swiglu_grads, swiglu_values
 
 
 def _lora_forward(x2, weight, bias, a_w, b_w):
@@ -80,7 +80,7 @@ class _SwiGLULoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, a_w, b_w, scaling):
-        h = torch.ops.lorafit.swiglu(gate, up)  # (..., I): Triton on CUDA, the reference elsewhere
+        h = swiglu_values(gate, up)  # (..., I): Triton on CUDA, the reference elsewhere
         y, down = _lora_forward(h.reshape(-1, h.shape[-1]), _dense(weight, h.dtype), bias, a_w, b_w)
         ctx.save_for_backward(gate, up, a_w, b_w, down, *_save_weight(ctx, weight))
         ctx.scaling, ctx.param_dtypes = scaling, (lora_a.dtype, lora_b.dtype)
@@ -89,12 +89,12 @@ class _SwiGLULoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         gate, up, a_w, b_w, down, *saved = ctx.saved_tensors
-        h = torch.ops.lorafit.swiglu(gate, up)
+        h = swiglu_values(gate, up)
         weight = _dense(ctx.quantized or saved[0], h.dtype)
         grad_h, grad_a, grad_b = _lora_backward(grad_y.reshape(-1, grad_y.shape[-1]), h.reshape(-1, h.shape[-1]),
                                                 weight, a_w, b_w, down, ctx.scaling, True, ctx.param_dtypes)
         del h, weight
-        grad_gate, grad_up = torch.ops.lorafit.swiglu_backward(grad_h.view(gate.shape), gate, up)
+        grad_gate, grad_up = swiglu_grads(grad_h.view(gate.shape), gate, up)
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None
 
 

@@ -25,7 +25,7 @@ math; its input silu(gate) * up is recomputed in backward, never kept.
 import torch
 from torch import nn
 
-from . import swiglu as _swiglu_ops  # noqa: F401  (registers lorafit::swiglu and its backward ops)
+from .swiglu import swiglu_grads_packed, swiglu_values
 from .lora_linear import _lora_backward, _lora_forward
 
 
@@ -95,7 +95,7 @@ class _LoRAMLP(torch.autograd.Function):
         x_cat[:, :C] = x2
         x_cat[:, C:] = x2 @ M[2 * I:, :C].t()  # (N, 2r)
         gate_up = x_cat @ M[:2 * I].t()  # (N, 2I): [gate | up], adapters included
-        h = torch.ops.lorafit.swiglu(gate_up[:, :I], gate_up[:, I:])  # (N, I)
+        h = swiglu_values(gate_up[:, :I], gate_up[:, I:])  # (N, I)
         y, down_a = _lora_forward(h, w_down, None, a_w_down, b_w_down)  # (N, C), (N, r)
         ctx.save_for_backward(x_cat, gate_up, down_a, a_w_down, b_w_down)
         ctx.M, ctx.w_down = M, w_down  # frozen weights, kept as they are (autograd versions saved tensors)
@@ -112,13 +112,13 @@ class _LoRAMLP(torch.autograd.Function):
         r = (M.shape[1] - C) // 2
         dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, C)
 
-        h = torch.ops.lorafit.swiglu(gate_up[:, :I], gate_up[:, I:])  # recomputed: (N, I)
+        h = swiglu_values(gate_up[:, :I], gate_up[:, I:])  # recomputed: (N, I)
         grad_h, grad_a_down, grad_b_down = _lora_backward(dy, h, ctx.w_down, a_w_down, b_w_down, down_a,
                                                           ctx.s_down, True, ctx.param_dtypes[4:])
         del h
         # [dgate | dup | dgate s B_g | dup s B_u]: the swiglu backward writes the first 2I columns.
         d_cat = torch.empty(N, I2 + 2 * r, dtype=gate_up.dtype, device=gate_up.device)
-        torch.ops.lorafit.swiglu_backward_packed(grad_h, gate_up, d_cat)
+        swiglu_grads_packed(grad_h, gate_up, d_cat)
         del grad_h
         d_cat[:, I2:] = d_cat[:, :I2] @ M[:I2, C:]  # (N, 2r); M's block diagonal of s B_g, s B_u
         grad_x = d_cat @ M[:, :C]  # (N, C)

@@ -131,18 +131,26 @@ def dequantize_nf4_triton(
     (16,), and with double quantisation nested_scales (ceil(n/16384),), nested_code (256,), nested_offset ()."""
     if triton is None:
         raise RuntimeError("the Triton path needs the triton package (pip install triton)")
+    _check(packed, absmax, code, nested_scales, nested_code, nested_offset, math.prod(shape), dtype)
+    state = [None if t is None else t.contiguous() for t in (packed, absmax, code, nested_scales, nested_code,
+                                                               nested_offset)]
+    return launch_dequantize(*state, shape, dtype)
+
+
+def launch_dequantize(packed, absmax, code, nested_scales, nested_code, nested_offset, shape: Sequence[int],
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The kernel launch alone, for a state already checked and contiguous (an NF4Linear's own, which
+    nn/nf4.py dequantises 21 times per decoder layer and micro-batch when activations are offloaded)."""
     n_values = math.prod(shape)
-    _check(packed, absmax, code, nested_scales, nested_code, nested_offset, n_values, dtype)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     if n_values == 0:
         return out
     nested = nested_scales is not None
-    state = [t.contiguous() for t in (packed, absmax, code)]
     # Without double quantisation the kernel never reads the nested pointers; any tensor fills them.
-    state += [t.contiguous() for t in (nested_scales, nested_code, nested_offset)] if nested else [absmax] * 3
+    extra = (nested_scales, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
     n_blocks = absmax.numel()
     _dequantize_kernel[(triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)](
-        *state, out, n_values, packed.numel(), n_blocks,
+        packed, absmax, code, *extra, out, n_values, packed.numel(), n_blocks,
         NESTED=nested, BLOCKS=_BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK_SIZE, NESTED_BLOCK_SIZE=NESTED_BLOCK_SIZE,
         **_LAUNCH_OPTIONS,
     )

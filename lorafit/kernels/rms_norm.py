@@ -6,7 +6,8 @@ computes grad_x and, only when the weight trains (full fine-tuning; LoRA freezes
 per-program float32 partial sums reduced once.
 
 Entry points: `rms_norm` / `add_rms_norm` run the ops lorafit::rms_norm / lorafit::add_rms_norm (Triton on
-CUDA, the reference elsewhere); `rms_norm_triton` / `add_rms_norm_triton` run the Triton kernels, forward
+CUDA, the reference elsewhere; in eager mode on CUDA the same Triton autograd function without the op's
+dispatch, see kernels.eager_cuda); `rms_norm_triton` / `add_rms_norm_triton` run the Triton kernels, forward
 and backward, on any device (CPU tensors need TRITON_INTERPRET=1): the tests' way in.
 """
 
@@ -15,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import reference
+from . import eager_cuda, reference
 
 try:  # CUDA builds of torch bring Triton; CPU-only installs have just the reference path
     import triton
@@ -307,11 +308,15 @@ _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_setup_
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """reference.rms_norm as the op lorafit::rms_norm. x: (..., C); weight: (C,) in x's dtype."""
     _check(x, weight)
+    if eager_cuda(x):
+        return _AddRMSNormTriton.apply(x, None, weight, eps)[0]
     return _rms_norm_op(x, weight, eps)[0]
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float):
     """reference.add_rms_norm as the op lorafit::add_rms_norm: -> (rms_norm(x + residual), x + residual)."""
     _check(x, weight, residual)
+    if eager_cuda(x):
+        return _AddRMSNormTriton.apply(x, residual, weight, eps)
     out, total, _ = _add_rms_norm_op(x, residual, weight, eps)
     return out, total

@@ -17,7 +17,7 @@ tensors need TRITON_INTERPRET=1): the tests' way in.
 
 import torch
 
-from . import reference
+from . import eager_cuda, reference
 
 try:  # CUDA builds of torch bring Triton; CPU-only installs have just the reference path
     import triton
@@ -205,4 +205,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.
     """reference.rope as the op lorafit::rope: q (B, T, H, D), k (B, T, Hkv, D), cos and signed_sin
     (B or 1, T, D) in the activation dtype -> the rotated (q, k), new contiguous tensors."""
     _check(q, k, cos, signed_sin)
+    if eager_cuda(q):
+        return _RopeTriton.apply(q, k, cos, signed_sin)
     return _rope_op(q, k, cos, signed_sin)

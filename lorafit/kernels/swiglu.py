@@ -12,7 +12,7 @@ TRITON_INTERPRET=1): the tests' way in.
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import eager_cuda, reference
 
 try:  # CUDA builds of torch bring Triton; CPU-only installs have just the reference path
     import triton
@@ -195,4 +195,29 @@ _swiglu_op.register_autograd(_swiglu_backward, setup_context=_setup_context)
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """reference.swiglu as the op lorafit::swiglu: gate, up (..., I) -> silu(gate) * up (..., I)."""
     _check(gate, up)
+    if eager_cuda(gate):
+        return _SwiGLUTriton.apply(gate, up)
     return _swiglu_op(gate, up)
+
+
+# What the fused LoRA functions call inside their own autograd (kernels/lora_linear.py, lora_mlp.py): the
+# Triton launch in eager mode on CUDA, else the op (kernels.eager_cuda).
+
+
+def swiglu_values(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, no autograd."""
+    return _forward(gate, up) if eager_cuda(gate) else _swiglu_op(gate, up)
+
+
+def swiglu_grads(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad gate, grad up) of swiglu_values."""
+    return _backward(grad_out, gate, up) if eager_cuda(gate) else _backward_op(grad_out, gate, up)
+
+
+def swiglu_grads_packed(grad_out: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    """lorafit::swiglu_backward_packed: the gradients of gate_up (N, 2I) = [gate | up] written into out."""
+    if eager_cuda(gate_up):
+        I = grad_out.shape[-1]
+        _backward_into(grad_out, gate_up[:, :I], gate_up[:, I:2 * I], out[:, :I], out[:, I:2 * I])
+    else:
+        _backward_packed_op(grad_out, gate_up, out)
