@@ -9,9 +9,9 @@ Time. A micro-batch takes the longer of two clocks (`micro_batch_seconds`):
   (GPU_MFU), plus, for a 4-bit base, reading and writing each weight dequantised once per pass;
 - the host's: eager PyTorch launches ~150-200 kernels per decoder layer forward and backward, one by one
   from Python, and the GPU cannot run ahead of them (LAUNCH_SECONDS_PER_LAYER). A 1B model at 2 x 2048
-  tokens is bound by this clock (128 ms launched, 41 ms of GPU work); Llama-3.1-8B sits at the crossing
-  (250 ms and 240 ms).
-The constants were measured on one H200 and its host (benchmarks/results.jsonl, device calls 7-13); the
+  tokens is bound by this clock (77 ms launched, 41 ms of GPU work); Llama-3.1-8B by the GPU's (153 ms
+  launched, 240 ms of GPU work).
+The constants were measured on one H200 and its host (benchmarks/results.jsonl, device calls 7-17); the
 H200 rows of that file set the estimate beside each measurement (benchmarks/gpu_anchor.py).
 """
 
@@ -44,11 +44,13 @@ DEVICES = {
 # layers: 385 ms per micro-batch (device call 8), the recomputed forward and the copies included.
 GPU_MFU = {"none": 0.69, "layers": 0.431, "offload": 0.431}
 # Host seconds to launch one decoder layer's forward and backward, from Llama-3.2-1B on the H200's host,
-# whose GPU work is a third of it: 128 ms per micro-batch / 16 layers without checkpointing, 165 ms
-# offloaded (device call 9); QLoRA 114 and 189 ms (device call 13). Full fine-tuning launches as LoRA.
+# whose GPU work is about half of it: LoRA 76.6 ms per micro-batch / 16 layers without checkpointing and
+# 96.8 ms offloaded (device call 16), QLoRA offloaded 113.8 ms (call 17). QLoRA without checkpointing was not
+# measured with this code: LoRA's, plus two thirds of QLoRA's offloaded extra (14 of its 21 dequantisations
+# a layer). Full fine-tuning launches as LoRA.
 LAUNCH_SECONDS_PER_LAYER = {
-    ("lora", "none"): 8.0e-3, ("lora", "layers"): 10.3e-3, ("lora", "offload"): 10.3e-3,
-    ("qlora", "none"): 7.1e-3, ("qlora", "layers"): 11.8e-3, ("qlora", "offload"): 11.8e-3,
+    ("lora", "none"): 4.79e-3, ("lora", "layers"): 6.05e-3, ("lora", "offload"): 6.05e-3,
+    ("qlora", "none"): 5.5e-3, ("qlora", "layers"): 7.11e-3, ("qlora", "offload"): 7.11e-3,
 }
 # Bytes moved per 4-bit weight value and pass: its half byte read, the bf16 copy written and read back by the
 # GEMM, at half the card's bandwidth: 1.9 ns per value per pass on the H200, which is Llama-3.1-8B QLoRA's
