@@ -208,10 +208,9 @@ def test_qlora_under_two_ranks_equals_one_process_and_fsdp_shards_the_4_bit_base
     assert_same_adapter(adapter(qlora_one_process), adapter(out))
 
 
-def test_fsdp_gathers_4_bit_layers_in_their_own_dtypes(tiny_dir):
-    """On GPUs FSDP2 gathers weights in the compute dtype (bf16), which would round the float32 NF4 scales
-    too (measured: logits 0.008 off on this model): wrap_model gives layers holding NF4 weights a policy
-    that keeps dtypes. Checked on the CPU in one gloo process with the policies a bf16 GPU job gets."""
+def _qlora_logits_in_one_fsdp_process(tiny_dir, dtype: str, dist_device, inspect=None):
+    """(logits of a tiny QLoRA model, the same model's logits wrapped by FSDP2 in a one-process gloo group,
+    the wrapped model); inspect(model) runs on the wrapped model before its forward."""
     import torch.distributed as dist
 
     from lorafit.lora import apply_lora
@@ -219,7 +218,7 @@ def test_fsdp_gathers_4_bit_layers_in_their_own_dtypes(tiny_dir):
     from lorafit.training.distributed import wrap_model
 
     def qlora_model():
-        model, _ = load_model(tiny_dir, dtype="bfloat16", quantize="nf4", device="cpu")
+        model, _ = load_model(tiny_dir, dtype=dtype, quantize="nf4", device="cpu")
         return apply_lora(model, verbose=False)
 
     x = torch.randint(0, 1000, (1, 16))
@@ -227,14 +226,27 @@ def test_fsdp_gathers_4_bit_layers_in_their_own_dtypes(tiny_dir):
         expected = qlora_model()(x).logits
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = wrap_model(qlora_model(), "fsdp", Distributed(device=torch.device("cuda", 0)), torch.bfloat16)
-        gathered = {}
-        q_proj = model.model.layers[0].self_attn.q_proj.base_layer
-        q_proj.register_forward_pre_hook(lambda m, _: gathered.update(scales=m.nested_scales.dtype))
+        model = wrap_model(qlora_model(), "fsdp", Distributed(device=dist_device), getattr(torch, dtype))
+        if inspect is not None:
+            inspect(model)
         with torch.no_grad():
             logits = model(x).logits
     finally:
         dist.destroy_process_group()
+    return expected, logits, model
+
+
+def test_fsdp_gathers_4_bit_layers_in_their_own_dtypes(tiny_dir):
+    """On GPUs FSDP2 gathers weights in the compute dtype (bf16), which would round the float32 NF4 scales
+    too (measured: logits 0.008 off on this model): wrap_model gives layers holding NF4 weights a policy
+    that keeps dtypes. Checked on the CPU in one gloo process with the policies a bf16 GPU job gets."""
+    gathered = {}
+
+    def watch(model):
+        q_proj = model.model.layers[0].self_attn.q_proj  # the LoRA layer: its base is read, not called
+        q_proj.register_forward_pre_hook(lambda m, _: gathered.update(scales=m.base_layer.nested_scales.dtype))
+
+    expected, logits, _ = _qlora_logits_in_one_fsdp_process(tiny_dir, "bfloat16", torch.device("cuda", 0), watch)
     assert gathered == {"scales": torch.float32}
     assert torch.equal(logits, expected)
 
@@ -242,28 +254,12 @@ def test_fsdp_gathers_4_bit_layers_in_their_own_dtypes(tiny_dir):
 def test_a_torch_that_cannot_shard_uint8_keeps_the_4_bit_state_whole(tiny_dir, monkeypatch):
     """torch before 2.13 (the H200 machine's 2.11) cannot shard a uint8 parameter: the NF4 state then stays
     whole on every rank, outside FSDP2, and the rest is sharded; the numbers are the same."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     import lorafit.training.distributed as distributed
-    from lorafit.lora import apply_lora
-    from lorafit.models.loading import load_model
 
-    def qlora_model():
-        model, _ = load_model(tiny_dir, dtype="float32", quantize="nf4", device="cpu")
-        return apply_lora(model, verbose=False)
-
-    x = torch.randint(0, 1000, (1, 16))
-    with torch.no_grad():
-        expected = qlora_model()(x).logits
     monkeypatch.setattr(distributed, "fsdp_shards_integer_parameters", lambda: False)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = distributed.wrap_model(qlora_model(), "fsdp", Distributed(), torch.float32)
-        with torch.no_grad():
-            logits = model(x).logits
-    finally:
-        dist.destroy_process_group()
+    expected, logits, model = _qlora_logits_in_one_fsdp_process(tiny_dir, "float32", None)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert not isinstance(q_proj.base_layer.weight, DTensor) and isinstance(q_proj.lora_A.weight, DTensor)
     assert torch.equal(logits, expected)
