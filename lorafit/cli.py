@@ -245,12 +245,41 @@ def cmd_estimate(args) -> int:
                   "lower model.max_seq_length, use activation_checkpointing: auto or offload, or a 4-bit base "
                   "(finetune.method: qlora)")
     if result.step_seconds is not None:
-        plan = training_plan(config, _count_rows(config.data.resolved_path()))
-        total = f"; {plan.total_steps} steps: about {result.step_seconds * plan.total_steps / 60:.0f} min" \
-            if plan.total_steps else ""
-        print(f"time         about {result.step_seconds:.2f} s per optimizer step of {t.grad_accum} micro-batches "
-              f"at full length{total} (a rough estimate: lorafit/estimate.py)")
+        seconds, where = result.step_seconds, "at full length"
+        lengths = _train_row_lengths(config) if t.recipe == "sft" else None
+        if lengths:
+            from .estimate import micro_batch_seconds, padded_micro_batches
+
+            tokens, length = padded_micro_batches(lengths, t.batch_size * per_sequence, t.seed)
+            seconds = t.grad_accum * micro_batch_seconds(model, tokens, length, result.modes,
+                                                         config.finetune.method, device)
+            where = (f"at the data's lengths (micro-batches padded to {tokens:,.0f} tokens on average; "
+                     f"{result.step_seconds:.2f} s at full length)")
+        plan = training_plan(config, len(lengths) if lengths else _count_rows(config.data.resolved_path()))
+        run = seconds * (plan.total_steps or 0)
+        total = (f"; {plan.total_steps} steps: about " + (f"{run / 60:.0f} min" if run >= 120 else f"{run:.0f} s")
+                 if plan.total_steps else "")
+        print(f"time         about {seconds:.2f} s per optimizer step of {t.grad_accum} micro-batches "
+              f"{where}{total} (lorafit/estimate.py)")
     return 0
+
+
+def _train_row_lengths(config) -> list[int] | None:
+    """The tokens of each training row (packed rows when packing), as the SFT data loader makes them with the
+    model's tokenizer; None, with a note, when the data or the tokenizer cannot be read."""
+    from .data import load_sft_dataset
+    from .models.loading import open_checkpoint, resolve_source
+
+    try:
+        tokenizer = open_checkpoint(resolve_source(config.model.source, _cache_dir())).tokenizer()
+        d = config.data
+        data = load_sft_dataset(d.resolved_path(), tokenizer, config.model.max_seq_length, format=d.format,
+                                train_on_responses_only=d.train_on_responses_only, packing=d.packing,
+                                eval_fraction=d.eval_fraction, seed=config.train.seed)
+    except (LorafitError, OSError, ValueError) as e:
+        print(f"data         not read ({str(e).splitlines()[0][:120]}): the time is given at full length")
+        return None
+    return [sum(len(example) for example in row) for row in data.train]
 
 
 def _estimate_device(args, devices):

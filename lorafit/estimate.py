@@ -15,6 +15,7 @@ The constants were measured on one H200 and its host (benchmarks/results.jsonl, 
 H200 rows of that file set the estimate beside each measurement (benchmarks/gpu_anchor.py).
 """
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,14 @@ def micro_batch_seconds(model, tokens: int, seq_len: int, modes: list[str], meth
     kind = "qlora" if method == "qlora" else "lora"
     host = sum(LAUNCH_SECONDS_PER_LAYER[(kind, m)] for m in modes)
     return max(gpu, host)
+
+
+def padded_micro_batches(row_lengths: list[int], rows_per_micro_batch: int, seed: int) -> tuple[float, float]:
+    """-> (tokens, length) of a micro-batch on average as training makes them from rows of these lengths:
+    shuffled, cut into micro-batches, each padded to its longest row."""
+    order = random.Random(seed).sample(row_lengths, len(row_lengths))
+    chunks = [order[i : i + rows_per_micro_batch] for i in range(0, len(order), rows_per_micro_batch)]
+    return (sum(len(c) * max(c) for c in chunks) / len(chunks), sum(max(c) for c in chunks) / len(chunks))
 
 
 def largest_fitting(fits, start: int, limit: int) -> int:

@@ -1,6 +1,7 @@
 """`lorafit estimate`: the breakdown, the verdict against a card, what fits, and the time, with no weights."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -86,3 +87,21 @@ def test_a_small_model_is_bound_by_the_host_launching_its_kernels():
     for tokens, seq in ((4096, 2048), (4096, 4096)):
         assert micro_batch_seconds(model, tokens, seq, layers, "lora", DEVICES["H200"]) == pytest.approx(0.0766, abs=1e-4)
     assert micro_batch_seconds(model, 4096, 2048, layers, "lora", DEVICES["L4"]) > 0.2  # a slow card: GPU-bound
+
+
+def test_the_time_follows_the_datas_lengths(anchor_config, smollm2_dir, tmp_path, capsys):
+    """With a tokenizer beside the config, the SFT rows are made as training makes them: the bundled identity
+    chats (about 100 tokens each) pad micro-batches far below max_seq_length, and the 8B's step shrinks from
+    its GPU's time at full length to the host's launch time (32 layers x 4.79 ms x 8 micro-batches)."""
+    import shutil
+
+    model = tmp_path / "llama-3.1-8b"
+    shutil.copytree(anchor_config.parent / "llama-3.1-8b", model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, model / name)
+    assert main(["estimate", str(anchor_config), f"model.source={model}", "--gpu", "H200"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("time"))
+    at_data, at_full = (float(x) for x in re.findall(r"([\d.]+) s (?:per optimizer step|at full length)", line))
+    assert "at the data's lengths" in line and at_data == pytest.approx(1.23, abs=0.01) and at_full == 1.92, line
