@@ -25,13 +25,6 @@ MEMORY_BAR, TIME_BAR = 0.15, 0.25  # issue 10's acceptance
 FIRST_CALL, SUPERSEDED = 7, {9, 11, 13}
 
 
-def hf_config(preset: str) -> dict:
-    from gpu_profile import PRESETS
-
-    return {"model_type": "llama", "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": 131072, **PRESETS[preset]}
-
-
 def modes_of(checkpointing: str, layers: int) -> list[str]:
     """gpu_anchor's label ("none", "offload", "layers" or "K of N offloaded") -> one mode per layer."""
     if checkpointing in ("none", "offload", "layers"):
@@ -58,6 +51,7 @@ def main() -> None:
     args = p.parse_args()
 
     from _record import RESULTS, record
+    from gpu_profile import hf_config
     from lorafit import Config
     from lorafit.estimate import DEVICES, build_meta_model, estimate
     from lorafit.memory import GiB

@@ -164,7 +164,7 @@ def what_estimate_says(args, cfg: dict, modes) -> dict:
     device from config.json, the peak memory of lorafit/memory.py for the checkpointing used here, and the
     step time of lorafit/estimate.py at this card's table rate."""
     from lorafit import Config
-    from lorafit.estimate import DEVICES, build_meta_model, estimate
+    from lorafit.estimate import DEVICES, build_meta_model, card_named, estimate
     from lorafit.memory import GiB
 
     config = Config.from_dict({
@@ -173,7 +173,7 @@ def what_estimate_says(args, cfg: dict, modes) -> dict:
         "train": {"batch_size": args.micro_batch, "grad_accum": args.grad_accum}})
     meta = build_meta_model(config, cfg)
     modes = [modes] * cfg["num_hidden_layers"] if isinstance(modes, str) else list(modes)
-    card = next(name for name in DEVICES if name.split("-")[0] in torch.cuda.get_device_name())
+    card = card_named(torch.cuda.get_device_name())
     result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card])
     return {"estimate_peak_GiB": round(result.memory.total / GiB, 2), "estimate_step_s": round(result.step_seconds, 3),
             "estimate_card": card}

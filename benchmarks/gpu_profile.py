@@ -42,6 +42,12 @@ KINDS = [  # first match wins
 ]
 
 
+def hf_config(preset: str) -> dict:
+    """The preset's config.json, as ../shared/bench writes it."""
+    return {"model_type": "llama", "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001, **PRESETS[preset]}
+
+
 def build_model(preset: str, qlora: bool = False):
     import lorafit
     from lorafit.models.llama import CausalLM
@@ -49,8 +55,7 @@ def build_model(preset: str, qlora: bool = False):
     from lorafit.models.registry import model_config_from_hf
     from lorafit.nn.nf4 import NF4Linear
 
-    hf = {"model_type": "llama", "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-          "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001, **PRESETS[preset]}
+    hf = hf_config(preset)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = CausalLM(model_config_from_hf(hf)).to(torch.bfloat16)

@@ -287,6 +287,8 @@ def _estimate_device(args, devices):
     present."""
     import torch
 
+    from .estimate import card_named
+
     from .memory import GiB
 
     if args.memory is not None:
@@ -296,7 +298,7 @@ def _estimate_device(args, devices):
     name = args.gpu
     if name is None and torch.cuda.is_available():
         present = torch.cuda.get_device_name()
-        name = next((d for d in devices if d.split("-")[0] in present), None)
+        name = card_named(present)
         if name is None:
             total = torch.cuda.get_device_properties(0).total_memory
             return present, None, int(0.95 * total)

@@ -40,6 +40,13 @@ DEVICES = {
     "A100-40GB": Device(39.4, 312.0, 1.56),
     "L4": Device(22.0, 121.0, 0.3),
 }
+
+
+def card_named(device_name: str) -> str | None:
+    """The DEVICES entry for a name torch reports ("NVIDIA H200" -> "H200"), or None."""
+    return next((card for card in DEVICES if card.split("-")[0] in device_name), None)
+
+
 # The share of the matmul rate the GPU keeps on lorafit's kernels, by checkpointing mode: Llama-3.1-8B LoRA,
 # 2 x 2048 tokens, H200. none: 241 ms of kernels for 130.6 TFLOP (benchmarks/gpu_profile.py); offload and
 # layers: 385 ms per micro-batch (device call 8), the recomputed forward and the copies included.

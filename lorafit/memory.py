@@ -7,6 +7,7 @@ LoRA r=16 on all 7 projections, no optimizer states): 29.32 GiB measured without
 29.65 estimated, 16.22 GiB with every layer offloaded against 16.09 (tests/test_memory.py keeps these).
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,10 @@ def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu
 
 
 def device_budget_bytes(device: torch.device, budget_gib: float | None) -> int:
-    """The configured budget, or the GPU's memory less 5% for the CUDA context and fragmentation."""
+    """The configured budget, else the GPU's memory less 5% for the CUDA context and fragmentation, else (a
+    CPU) the machine's memory less 10%."""
     if budget_gib is not None:
         return int(budget_gib * GiB)
-    return int(0.95 * torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cuda":
+        return int(0.95 * torch.cuda.get_device_properties(device).total_memory)
+    return int(0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

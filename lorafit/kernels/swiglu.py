@@ -176,7 +176,7 @@ def _backward_packed_op(grad_out: torch.Tensor, gate_up: torch.Tensor, out: torc
 
 
 @_backward_packed_op.register_kernel("cuda")
-def _(grad_out, gate_up, out):
+def _backward_packed_into(grad_out, gate_up, out):
     I = grad_out.shape[-1]
     _backward_into(grad_out, gate_up[:, :I], gate_up[:, I:2 * I], out[:, :I], out[:, I:2 * I])
 
@@ -216,8 +216,4 @@ def swiglu_grads(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
 
 def swiglu_grads_packed(grad_out: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor) -> None:
     """lorafit::swiglu_backward_packed: the gradients of gate_up (N, 2I) = [gate | up] written into out."""
-    if eager_cuda(gate_up):
-        I = grad_out.shape[-1]
-        _backward_into(grad_out, gate_up[:, :I], gate_up[:, I:2 * I], out[:, :I], out[:, I:2 * I])
-    else:
-        _backward_packed_op(grad_out, gate_up, out)
+    (_backward_packed_into if eager_cuda(gate_up) else _backward_packed_op)(grad_out, gate_up, out)

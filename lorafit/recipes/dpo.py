@@ -45,9 +45,8 @@ def run_dpo(config, resume: bool = False, cache_dir=None, log=print, progress: b
     reference, wrapped = trainee.reference, trainee.wrapped
     if dist.enabled:  # dropout differs between ranks, as between the micro-batches of one process
         torch.manual_seed(t.seed + dist.rank)
-    for line in (trainee.batch_choice, trainee.memory_plan):
-        if line:
-            log(line)
+    for line in trainee.notes:
+        log(line)
 
     data = load_preference_dataset(config.data.resolved_path(), tokenizer, config.model.max_seq_length,
                                    eval_fraction=config.data.eval_fraction, seed=t.seed)

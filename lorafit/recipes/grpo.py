@@ -60,9 +60,8 @@ def run_grpo(config, resume: bool = False, cache_dir=None, log=print, progress: 
     reference, wrapped = trainee.reference, trainee.wrapped
     if dist.enabled:  # dropout differs between ranks, as between the micro-batches of one process
         torch.manual_seed(t.seed + dist.rank)
-    for line in (trainee.batch_choice, trainee.memory_plan):
-        if line:
-            log(line)
+    for line in trainee.notes:
+        log(line)
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 

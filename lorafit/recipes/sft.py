@@ -48,9 +48,8 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
                             format=config.data.format, train_on_responses_only=config.data.train_on_responses_only,
                             packing=config.data.packing, eval_fraction=config.data.eval_fraction, seed=t.seed)
     log(data.stats.summary())
-    for line in (trainee.batch_choice, trainee.memory_plan):
-        if line:
-            log(line)
+    for line in trainee.notes:
+        log(line)
     plan = training_plan(config, len(data.train), dist.world_size, *count_parameters(model))
     advice_table = format_advice(advise(config, plan))
     log(advice_table)

@@ -15,12 +15,11 @@ percent. When even one example needs checkpointing, the micro-batch is 1 and the
 what it must.
 """
 
-import os
 from collections.abc import Callable
 
 import torch
 
-from ..memory import GiB, device_budget_bytes, estimate_training_memory
+from ..memory import GiB, estimate_training_memory
 
 
 def candidates(per_rank: int) -> list[int]:
@@ -66,13 +65,6 @@ def choose_micro_batch(config, model, budget: int, world_size: int = 1,
             f"accumulation {per_rank // micro}: effective batch {micro} x {per_rank // micro} x {world_size} = "
             f"{per_rank * world_size}")
     return micro, line
-
-
-def budget_bytes(device: torch.device, budget_gib: float | None) -> int:
-    """train.memory_budget_gib, else the GPU's memory less 5%, else (CPU) the machine's memory less 10%."""
-    if device.type == "cuda" or budget_gib is not None:
-        return device_budget_bytes(device, budget_gib)
-    return int(0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def fits_one_step(model, rows: int, seq_len: int, autocast, device: torch.device) -> bool:

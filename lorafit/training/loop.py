@@ -17,7 +17,7 @@ from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
 from ..memory import GiB, device_budget_bytes, estimate_training_memory, plan_checkpointing
 from ..models.loading import load_model
-from .batch_size import budget_bytes, choose_micro_batch, fits_one_step
+from .batch_size import choose_micro_batch, fits_one_step
 from .checkpoint import load_checkpoint, require_latest
 from .distributed import (SINGLE, Distributed, full_state, full_tensor, gathered, is_sharded, resolve_strategy,
                           wrap_model)
@@ -58,9 +58,9 @@ class Trainee:
     # Saving, evaluation and generation use `model`.
     wrapped: torch.nn.Module | None = None
     strategy: str = "none"  # none, ddp or fsdp (training/distributed.py)
-    memory_plan: str = ""  # on a GPU: what the layers keep for backward and the estimated peak, to log
     config: object = None  # the run's config, train.batch_size and grad_accum made the integers it trains with
-    batch_choice: str = ""  # with batch_size: auto, the micro-batch chosen and why, to log
+    # To log: with batch_size auto, the micro-batch chosen and why; on a GPU, the checkpointing plan and peak.
+    notes: tuple[str, ...] = ()
 
 
 def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Distributed = SINGLE) -> Trainee:
@@ -91,8 +91,8 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Dis
         if device.type == "cuda" and strategy != "fsdp":
             try_step = partial(fits_one_step, model, seq_len=config.model.max_seq_length, autocast=autocast,
                                device=device)
-        micro, batch_choice = choose_micro_batch(config, model, budget_bytes(device, config.train.memory_budget_gib),
-                                                 dist.world_size, try_step)
+        budget = device_budget_bytes(device, config.train.memory_budget_gib)
+        micro, batch_choice = choose_micro_batch(config, model, budget, dist.world_size, try_step)
         micro = -dist.max(-micro)  # every rank trains the same micro-batch: the smallest any could take
     config = config.with_batch(dist.world_size, micro)
     # Planned on the whole model: under FSDP2 each rank holds a share of the weights, so the plan is on
@@ -101,8 +101,8 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Dis
     wrapped = wrap_model(model, strategy, dist, base_dtype)
     if strategy == "fsdp":  # fully_shard replaced every parameter by a sharded one
         trainable = [p for p in model.parameters() if p.requires_grad]
-    return Trainee(model, tokenizer, trainable, device, autocast, reference, wrapped, strategy,
-                   memory_plan, config, batch_choice)
+    return Trainee(model, tokenizer, trainable, device, autocast, reference, wrapped, strategy, config,
+                   tuple(line for line in (batch_choice, memory_plan) if line))
 
 
 def choose_checkpointing(config, model, device: torch.device) -> str:
