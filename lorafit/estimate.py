@@ -6,7 +6,9 @@ lorafit/memory.py.
 
 Time. A micro-batch takes the longer of two clocks (`micro_batch_seconds`):
 - the GPU's: the model FLOPs at the share of the card's bf16 matmul rate that lorafit's kernels reach
-  (GPU_MFU), plus, for a 4-bit base, reading and writing each weight dequantised once per pass;
+  (GPU_MFU), plus, for a 4-bit base, reading and writing each weight dequantised once per pass; a tiled MLP
+  (long micro-batches, models/llama.py's MLP.tile_tokens) adds its forward once more, and dequantises its
+  weights once per chunk;
 - the host's: eager PyTorch launches ~150-200 kernels per decoder layer forward and backward, one by one
   from Python, and the GPU cannot run ahead of them (LAUNCH_SECONDS_PER_LAYER). A 1B model at 2 x 2048
   tokens is bound by this clock (77 ms launched, 41 ms of GPU work); Llama-3.1-8B by the GPU's (153 ms
@@ -15,12 +17,13 @@ The constants were measured on one H200 and its host (benchmarks/results.jsonl, 
 H200 rows of that file set the estimate beside each measurement (benchmarks/gpu_anchor.py).
 """
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
-from .memory import estimate_training_memory
+from .memory import estimate_training_memory, mlp_tile_chunk
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ LAUNCH_SECONDS_PER_LAYER = {
     ("qlora", "none"): 5.5e-3, ("qlora", "layers"): 7.11e-3, ("qlora", "offload"): 7.11e-3,
 }
 # Bytes moved per 4-bit weight value and pass: its half byte read, the bf16 copy written and read back by the
-# GEMM, at half the card's bandwidth: 1.9 ns per value per pass on the H200, which is Llama-3.1-8B QLoRA's
+# GEMM, at half the card's bandwidth: 1.9 ps per value per pass on the H200, which is Llama-3.1-8B QLoRA's
 # time over LoRA's (268 vs 249 ms without checkpointing, 433 vs 385 offloaded; device calls 7, 8, 12).
 DEQUANT_BYTES_PER_VALUE = 4.5
 DEQUANT_BANDWIDTH_SHARE = 0.5
@@ -80,6 +83,15 @@ def model_flops_per_token(model, seq_len: int) -> float:
         elif isinstance(m, torch.nn.Linear):
             flops += (6 if m.weight.requires_grad else 4) * m.weight.numel()
     return flops
+
+
+def _weight_values(m) -> int:
+    """Weight values a linear layer (dense or NF4; an adapter's A or B too) multiplies activations by, else 0."""
+    from .nn.nf4 import NF4Linear
+
+    if isinstance(m, NF4Linear):
+        return m.in_features * m.out_features
+    return m.weight.numel() if isinstance(m, torch.nn.Linear) else 0
 
 
 @dataclass(frozen=True)
@@ -133,13 +145,22 @@ def estimate(config, model, tokens_per_micro_batch: int, seq_len: int, modes: li
 
 def micro_batch_seconds(model, tokens: int, seq_len: int, modes: list[str], method: str, device: Device) -> float:
     """Forward and backward of one micro-batch: the longer of the GPU's time and the host's (module docstring)."""
+    from .models.llama import MLP
     from .nn.nf4 import NF4Linear
 
     mfu = sum(GPU_MFU[m] for m in modes) / len(modes)
-    gpu = tokens * model_flops_per_token(model, seq_len) / (device.tflops * 1e12 * mfu)
+    flops = model_flops_per_token(model, seq_len)
     passes = sum(3 if m != "none" else 2 for m in modes) / len(modes)  # forward, backward, and a recompute
-    values = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
-    gpu += passes * values * DEQUANT_BYTES_PER_VALUE / (device.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
+    dequantized = passes * sum(_weight_values(m) for m in model.modules() if isinstance(m, NF4Linear))
+    chunk = mlp_tile_chunk(model, tokens)
+    if chunk:  # a tiled MLP runs its forward once more (nn/tiled_mlp.py), and every pass over it dequantises a
+        # 4-bit base's weights once per chunk
+        layers = [m for mlp in model.modules() if isinstance(mlp, MLP) for m in mlp.modules()]
+        flops += sum(2 * _weight_values(m) for m in layers)
+        mlp_values = sum(_weight_values(m) for m in layers if isinstance(m, NF4Linear))
+        dequantized += ((passes + 1) * math.ceil(tokens / chunk) - passes) * mlp_values
+    gpu = tokens * flops / (device.tflops * 1e12 * mfu)
+    gpu += dequantized * DEQUANT_BYTES_PER_VALUE / (device.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
     kind = "qlora" if method == "qlora" else "lora"
     host = sum(LAUNCH_SECONDS_PER_LAYER[(kind, m)] for m in modes)
     return max(gpu, host)

@@ -106,12 +106,13 @@ class LoRALinear(nn.Module):
             base_out = F.linear(dropped.to(y.dtype), weight)
         return y + (row_scale - 1) * base_out + row_scale * update
 
-    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up); in training the product is recomputed in backward instead of being kept."""
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+        """self(silu(gate) * up); in training the product is recomputed in backward instead of being kept.
+        up None: gate is [gate | up] packed along its last dimension (a stacked projection's output)."""
         if (self.training or torch.is_grad_enabled()) and not self.disabled and self._fused_path_applies(gate):
             return swiglu_lora_linear(gate, up, self._frozen_weight(), self.base_layer.bias, self.lora_A.weight,
                                       self.lora_B.weight, self.scaling, self.compute_adapters(gate.dtype))
-        return self(swiglu(gate, up))
+        return self(swiglu(*gate.chunk(2, dim=-1)) if up is None else swiglu(gate, up))
 
     def compute_adapters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, scaling * B) in `dtype`, made again only when the adapters changed (an optimizer step or a load

@@ -2,9 +2,11 @@
 a memory budget (`train.activation_checkpointing: auto`, `train.memory_budget_gib`).
 
 The activation figures are what lorafit's own layers save for backward with the GPU kernels on, per token
-and decoder layer. Checked against the H200 (benchmarks/gpu_profile.py, Llama-3.1-8B, 2 x 2048 tokens,
-LoRA r=16 on all 7 projections, no optimizer states): 29.32 GiB measured without checkpointing against
-29.65 estimated, 16.22 GiB with every layer offloaded against 16.09 (tests/test_memory.py keeps these).
+and decoder layer, and what a layer's backward holds besides. Checked against the H200
+(benchmarks/estimate_check.py): the 18 anchor-workload runs of Llama-3.2-1B and Llama-3.1-8B, LoRA and QLoRA,
+every checkpointing mode, within 1.4%; and one Llama-3.1-8B QLoRA sequence of 8K to 110K tokens with every
+layer offloaded, within 0.4% (the peaks its backward term was counted from; tests/test_memory.py keeps
+some of these).
 """
 
 import os
@@ -14,13 +16,15 @@ import torch
 
 from .errors import ConfigError
 from .kernels.cross_entropy import LOGITS_CHUNK_BYTES
+from .models.llama import MLP
 from .nn.nf4 import NF4Linear
 
 GiB = 2**30
 
 
-def saved_bytes_per_token(config, lora_r: int = 0, element_size: int = 2) -> int:
-    """Bytes one decoder layer keeps for backward per token when it is not checkpointed."""
+def saved_bytes_per_token(config, lora_r: int = 0, element_size: int = 2, tiled_mlp: bool = False) -> int:
+    """Bytes one decoder layer keeps for backward per token when it is not checkpointed. tiled_mlp: the MLP
+    runs a chunk of tokens at a time (models/llama.py's MLP.tile_tokens) and keeps only its input."""
     C, I, r = config.hidden_size, config.intermediate_size, lora_r
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     values = (
@@ -29,11 +33,39 @@ def saved_bytes_per_token(config, lora_r: int = 0, element_size: int = 2) -> int
         + q + 2 * kv  # rotated q and k, and v (attention's backward)
         + q  # attention's output (its own backward and o_proj's)
         + C  # the residual sum (the second norm's backward)
-        + C + 2 * r  # the normalised MLP input, with the fused LoRA MLP's adapter columns
-        + 2 * I  # gate and up; silu(gate) * up is recomputed, never kept
-        + 7 * r  # each adapter's x A^T
+        + C  # the normalised MLP input
+        + 4 * r  # the attention adapters' x A^T
     )
+    if not tiled_mlp:  # what the MLP keeps of all tokens at once; tiled, it makes them a chunk at a time
+        values += (2 * r  # the fused LoRA MLP's adapter columns beside its input
+                   + 2 * I  # gate and up; silu(gate) * up is recomputed, never kept
+                   + 3 * r)  # the MLP adapters' x A^T
     return values * element_size + 4 * (2 + config.num_heads)  # float32: two norms' 1/rms, a logsumexp per head
+
+
+def backward_transient_bytes_per_token(config, element_size: int = 2, tiled_mlp: bool = False) -> int:
+    """Bytes per token a decoder layer's backward holds beyond what it saved: attention's grads of q, k, v and
+    its float32 accumulator for q (2 q + 2 kv), the layer's input and output and their grads, the residual's,
+    the next layer's input already fetched (7 C), and unless the MLP is tiled the MLP's grads (1.5 I).
+    Counted from, and checked against, the H200: Llama-3.1-8B QLoRA, every layer offloaded, one sequence of
+    8K to 110K tokens (benchmarks/max_context.py, device call 19), peaks rise by 230 KB a token untiled and 132
+    KB tiled, the saved bytes plus these within 10%; and the 2 x 2048 anchor runs (benchmarks/estimate_check.py)."""
+    C, I = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    values = 2 * q + 2 * kv + 7 * C + (0 if tiled_mlp else 3 * I // 2)
+    return values * element_size
+
+
+# The rest of a layer's backward peak, whatever the length: fitted, 80 MiB on the H200 (the same call's line).
+WORKSPACE_BASE_BYTES = 80 * 2**20
+
+
+def mlp_tile_chunk(model, micro_batch_tokens: int) -> int:
+    """The tokens of one MLP chunk when the model's MLPs tile a micro-batch of this many tokens, else 0."""
+    mlp = next((m for m in model.modules() if isinstance(m, MLP)), None)
+    if mlp is None or not mlp.tiles(micro_batch_tokens):
+        return 0
+    return min(mlp.tile_chunk_tokens, micro_batch_tokens)
 
 
 @dataclass(frozen=True)
@@ -43,8 +75,8 @@ class MemoryEstimate:
     weights: int  # the model's parameters as loaded (frozen and trainable alike)
     training_state: int  # float32 grads and AdamW's two moments of the trainable ones, their bf16 copies
     activations: int  # what the layers that are not checkpointed keep between forward and backward
-    workspace: int  # one layer's activations while its backward runs (or is recomputed), a logits chunk, and
-    # with a 4-bit base one dequantised weight
+    workspace: int  # the peak's moment: one decoder layer's backward (what it saved, recomputed if it is
+    # checkpointed, and its backward's own tensors), or for short micro-batches a chunk of logits at the loss
 
     @property
     def total(self) -> int:
@@ -66,14 +98,32 @@ def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], o
     # float32 grad (4) + AdamW's exp_avg and exp_avg_sq (8) + the compute-dtype copy LoRA layers keep (2)
     training_state = trainable * (4 + (8 if optimizer_states else 0) + element_size)
     lora_r = model.lora_config.r if model.lora_config is not None else 0
-    per_layer = micro_batch_tokens * saved_bytes_per_token(model.config, lora_r, element_size)
+    chunk = mlp_tile_chunk(model, micro_batch_tokens)
+    per_layer = micro_batch_tokens * saved_bytes_per_token(model.config, lora_r, element_size, tiled_mlp=chunk > 0)
     layer_input = micro_batch_tokens * model.config.hidden_size * element_size
     kept = {"none": per_layer, "layers": layer_input, "offload": 0}
     activations = sum(kept[m] for m in modes)
-    # A 4-bit base multiplies through one dequantised weight at a time (117 MB for 8B's largest, in bf16).
-    dequantized = max((m.in_features * m.out_features * element_size for m in model.modules()
-                       if isinstance(m, NF4Linear)), default=0)
-    return MemoryEstimate(weights, training_state, activations, per_layer + LOGITS_CHUNK_BYTES + dequantized)
+    # A 4-bit base multiplies through one dequantised weight at a time, or one stacked from the layers that
+    # share an input (kernels/lora_stacked.py): gate and up together are the largest, 235 MB for 8B in bf16.
+    dequantized = max((sum(m.in_features * m.out_features for m in group) * element_size
+                       for group in _dequantized_together(model)), default=0)
+    # The peak comes in a decoder layer's backward: what it saved (recomputed first when it is checkpointed)
+    # and its backward's own tensors; or, for short micro-batches, at the loss: a chunk of logits.
+    recomputed = per_layer if any(m != "none" for m in modes) else 0
+    transient = micro_batch_tokens * backward_transient_bytes_per_token(model.config, element_size, chunk > 0)
+    workspace = max(recomputed + transient + WORKSPACE_BASE_BYTES, LOGITS_CHUNK_BYTES + dequantized)
+    return MemoryEstimate(weights, training_state, activations, workspace)
+
+
+def _dequantized_together(model) -> list[list[NF4Linear]]:
+    """The 4-bit layers, grouped as training dequantises them: an MLP's gate and up as one, others alone."""
+    groups = []
+    for mlp in (m for m in model.modules() if isinstance(m, MLP)):
+        bases = [getattr(getattr(mlp, name), "base_layer", None) for name in ("gate_proj", "up_proj")]
+        if all(isinstance(b, NF4Linear) for b in bases):
+            groups.append(bases)
+    together = {id(m) for group in groups for m in group}
+    return groups + [[m] for m in model.modules() if isinstance(m, NF4Linear) and id(m) not in together]
 
 
 def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu: bool) -> list[str]:

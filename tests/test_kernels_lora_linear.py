@@ -75,6 +75,28 @@ def test_swiglu_input_recomputed_in_backward_gives_the_same_result(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_of_a_packed_gate_up_equals_the_two_halves(dtype):
+    """A stacked projection's [gate | up] (up None) gives the result and grads of gate and up passed apart."""
+    from lorafit.kernels.lora_linear import swiglu_lora_linear
+
+    g = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(2, 11, 2 * 37, generator=g).to(dtype)  # (B, T, 2I), I odd
+    weight = (torch.randn(40, 37, generator=g) * 0.1).to(dtype)
+    a = (torch.randn(5, 37, generator=g) * 0.1).requires_grad_()
+    lb = (torch.randn(40, 5, generator=g) * 0.1).requires_grad_()
+    dy = torch.randn(2, 11, 40, generator=g).to(dtype)
+    packed = gate_up.clone().requires_grad_()
+    grads = torch.autograd.grad(swiglu_lora_linear(packed, None, weight, None, a, lb, 0.5), [packed, a, lb], dy)
+    gate, up = (t.clone().requires_grad_() for t in gate_up.chunk(2, dim=-1))
+    apart = torch.autograd.grad(swiglu_lora_linear(gate, up, weight, None, a, lb, 0.5), [gate, up, a, lb], dy)
+    # The same math; the reference SwiGLU backward on strided halves may round a last float32 bit otherwise.
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-3}
+    torch.testing.assert_close(grads[0], torch.cat(apart[:2], dim=-1), **tolerance)
+    for got, want in zip(grads[1:], apart[2:]):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_nf4_base_gives_its_dequantised_weights_result_and_keeps_no_dense_copy(dtype):
     """QLoRA: the NF4 layer is dequantised in forward and again in backward; what backward keeps is x and
     the adapters' small tensors, never the (C_out, C_in) weight."""

@@ -44,6 +44,24 @@ def test_the_8b_estimate_is_within_3_percent_of_the_measured_peak(mode, adam, me
     assert abs(estimate.total / GiB - measured_gib) <= 0.03 * measured_gib, estimate.summary()
 
 
+# Llama-3.1-8B QLoRA, one sequence, every layer offloaded, before AdamW's moments exist: the longest-context
+# probes of benchmarks/max_context.py on an H200 (device call 19); from 65,536 tokens the MLP is tiled.
+MEASURED_8B_QLORA_LONG = [(8192, 7.55), (32768, 12.82), (65536, 13.85), (110592, 19.39)]
+
+
+@pytest.mark.parametrize("tokens, measured_gib", MEASURED_8B_QLORA_LONG)
+def test_the_long_context_estimate_is_within_3_percent_of_the_measured_peak(tokens, measured_gib):
+    from lorafit import Config
+    from lorafit.estimate import build_meta_model
+
+    config = Config.from_dict({"model": {"dtype": "bfloat16", "max_seq_length": tokens},
+                               "finetune": {"method": "qlora", "r": 16, "alpha": 16}})
+    model = build_meta_model(config, {"model_type": "llama", "vocab_size": 128256, "rope_theta": 500000.0,
+                                      "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **LLAMA_3_1_8B})
+    estimate = estimate_training_memory(model, tokens, ["offload"] * 32, optimizer_states=False)
+    assert abs(estimate.total / GiB - measured_gib) <= 0.03 * measured_gib, estimate.summary()
+
+
 def test_the_plan_offloads_the_fewest_layers_that_fit():
     model = _meta_lora_model(LLAMA_3_1_8B)
     everything = estimate_training_memory(model, 4096, ["none"] * 32).total

@@ -18,7 +18,7 @@ cuBLAS/MKL's, which no hand-written kernel beats at these shapes.
 
 import torch
 
-from .swiglu import swiglu_grads, swiglu_values
+from .swiglu import swiglu_grads, swiglu_grads_packed, swiglu_values
 
 
 def _lora_forward(x2, weight, bias, a_w, b_w):
@@ -76,11 +76,13 @@ class _LoRALinear(torch.autograd.Function):
 class _SwiGLULoRALinear(torch.autograd.Function):
     """lora_linear(silu(gate) * up): the (N, I) product, the largest activation of a Llama layer (117 MiB
     for 8B at 4k tokens), is not kept for backward but recomputed there from gate and up, which the SwiGLU
-    backward needs anyway: one elementwise pass instead of 3.7 GiB held over 32 layers."""
+    backward needs anyway: one elementwise pass instead of 3.7 GiB held over 32 layers.
+    up None: gate is [gate | up] packed (..., 2I), one stacked projection's output (kernels/lora_stacked.py),
+    and its grad comes back packed too, written by the SwiGLU backward into one buffer (no join of two)."""
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, a_w, b_w, scaling):
-        h = swiglu_values(gate, up)  # (..., I): Triton on CUDA, the reference elsewhere
+        h = swiglu_values(*_halves(gate, up))  # (..., I): Triton on CUDA, the reference elsewhere
         y, down = _lora_forward(h.reshape(-1, h.shape[-1]), _dense(weight, h.dtype), bias, a_w, b_w)
         ctx.save_for_backward(gate, up, a_w, b_w, down, *_save_weight(ctx, weight))
         ctx.scaling, ctx.param_dtypes = scaling, (lora_a.dtype, lora_b.dtype)
@@ -89,13 +91,26 @@ class _SwiGLULoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         gate, up, a_w, b_w, down, *saved = ctx.saved_tensors
-        h = swiglu_values(gate, up)
+        h = swiglu_values(*_halves(gate, up))
         weight = _dense(ctx.quantized or saved[0], h.dtype)
         grad_h, grad_a, grad_b = _lora_backward(grad_y.reshape(-1, grad_y.shape[-1]), h.reshape(-1, h.shape[-1]),
                                                 weight, a_w, b_w, down, ctx.scaling, True, ctx.param_dtypes)
         del h, weight
+        if up is None:
+            gate_up = gate.reshape(-1, gate.shape[-1])  # (N, 2I)
+            grad_gate_up = torch.empty_like(gate_up)
+            swiglu_grads_packed(grad_h, gate_up, grad_gate_up)
+            return grad_gate_up.view(gate.shape), None, None, None, grad_a, grad_b, None, None, None
         grad_gate, grad_up = swiglu_grads(grad_h.view(gate.shape), gate, up)
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None
+
+
+def _halves(gate, up):
+    """(gate, up), from a packed [gate | up] when up is None."""
+    if up is not None:
+        return gate, up
+    half = gate.shape[-1] // 2
+    return gate[..., :half], gate[..., half:]
 
 
 def compute_adapters(lora_a, lora_b, scaling: float, dtype):
@@ -120,7 +135,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, adapters=None) 
 
 
 def swiglu_lora_linear(gate, up, weight, bias, lora_a, lora_b, scaling: float, adapters=None) -> torch.Tensor:
-    """lora_linear(silu(gate) * up, ...) keeping gate and up for backward, not their product."""
+    """lora_linear(silu(gate) * up, ...) keeping gate and up for backward, not their product. up None: gate is
+    [gate | up] packed along its last dimension."""
     _check_frozen(weight, bias)
     a_w, b_w = adapters or compute_adapters(lora_a, lora_b, scaling, gate.dtype)
     return _SwiGLULoRALinear.apply(gate, up, weight, bias, lora_a, lora_b, a_w, b_w, scaling)

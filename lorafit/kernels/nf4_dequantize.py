@@ -138,11 +138,15 @@ def dequantize_nf4_triton(
 
 
 def launch_dequantize(packed, absmax, code, nested_scales, nested_code, nested_offset, shape: Sequence[int],
-                      dtype: torch.dtype) -> torch.Tensor:
+                      dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel launch alone, for a state already checked and contiguous (an NF4Linear's own, which
-    nn/nf4.py dequantises 21 times per decoder layer and micro-batch when activations are offloaded)."""
+    nn/nf4.py dequantises 21 times per decoder layer and micro-batch when activations are offloaded).
+    out: a contiguous tensor of `shape` and `dtype` to write into (a block of rows of a stacked weight)."""
     n_values = math.prod(shape)
-    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    elif out.shape != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"nf4 dequantize: out must be contiguous {dtype} of shape {tuple(shape)}")
     if n_values == 0:
         return out
     nested = nested_scales is not None

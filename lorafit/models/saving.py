@@ -21,7 +21,7 @@ def save_model(model, tokenizer, directory, max_shard_bytes: int = MAX_SHARD_BYT
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # state: the weights by name when the model's own are not whole (gathered from FSDP2's shards).
-    state = {n: p.detach().contiguous() for n, p in (model.state_dict() if state is None else state).items()}
+    state = {n: _alone(p.detach()) for n, p in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as the embedding
     dtype = next(iter(state.values())).dtype
@@ -51,6 +51,13 @@ def save_model(model, tokenizer, directory, max_shard_bytes: int = MAX_SHARD_BYT
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return directory
+
+
+def _alone(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in memory of its own: safetensors refuses tensors that share it, and training makes views
+    into stacked buffers (q, k and v in one weight: kernels/lora_qkv.py; gate and up: kernels/lora_mlp.py)."""
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor.contiguous() if whole else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def generation_config(model, tokenizer) -> dict:

@@ -218,15 +218,17 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_out @ weight, None, *(None for _ in ctx.saved_tensors)
 
 
-def _dense(state, shape, dtype) -> torch.Tensor:
-    """An NF4 layer's state dequantised. On CUDA in eager mode straight to the Triton launch: a layer's state
-    was checked when it was made, and going through the op cost 204 us of host time a call on the H200's
-    host (Llama-3.2-1B QLoRA, 336 calls a micro-batch with activations offloaded), more than the kernel."""
+def _dense(state, shape, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """An NF4 layer's state dequantised (into `out` if given). On CUDA in eager mode straight to the Triton
+    launch: a layer's state was checked when it was made, and going through the op cost 204 us of host time a
+    call on the H200's host (Llama-3.2-1B QLoRA, 336 calls a micro-batch with activations offloaded), more
+    than the kernel."""
     if state[0].is_cuda and not torch.compiler.is_compiling():
         from ..kernels.nf4_dequantize import launch_dequantize
 
-        return launch_dequantize(*state, shape, dtype)
-    return dequantize_nf4(*state, shape, dtype)
+        return launch_dequantize(*state, shape, dtype, out=out)
+    dense = dequantize_nf4(*state, shape, dtype)
+    return dense if out is None else out.copy_(dense)
 
 
 class NF4Linear(nn.Module):
@@ -323,6 +325,11 @@ class NF4Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out_features, in_features) weight, in compute_dtype unless told otherwise."""
         return _dense(self._state(), (self.out_features, self.in_features), dtype or self.compute_dtype)
+
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        """The dense weight written into `out`, a contiguous (out_features, in_features) tensor: a block of rows
+        of a weight stacked from several layers (kernels/lora_qkv.py), without a copy on CUDA."""
+        _dense(self._state(), (self.out_features, self.in_features), out.dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (self.out_features, self.in_features)
