@@ -1,7 +1,7 @@
 """The anchor workload on a GPU, for lorafit: tokens/s, peak memory and MFU, beside Unsloth's and PEFT's.
 
     python benchmarks/gpu_anchor.py --model DIR [--checkpointing none|layers|offload | --memory-budget GiB]
-                                    [--qlora] [--max-context] [--results FILE]
+                                    [--qlora] [--results FILE]
 
 The workload is ../shared/bench's (run that harness in the same call for the competitors): a random-weight
 model with a real Llama architecture saved by `anchor_bench.py make-model`, bf16, LoRA r=16 alpha=16
@@ -12,9 +12,7 @@ trains as its SFT recipe does: float32 adapter weights, bf16 autocast.
 Model FLOPs per token = 4 N_frozen + 6 N_lora + 6 L d_attn s, as the harness counts them; MFU is against
 --peak-tflops (default: a bf16 8192^3 matmul measured here, first).
 
---qlora: the base loaded as NF4 (QLoRA). --max-context: instead of the throughput, the longest sequence that
-trains one optimizer step at micro-batch 1 without running out of memory, every layer offloaded: doubling
-from --seq-len, then bisection to 1,024 tokens.
+--qlora: the base loaded as NF4 (QLoRA). The longest trainable context, beside Unsloth's: max_context.py.
 """
 
 import argparse
@@ -68,7 +66,6 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=3407)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--qlora", action="store_true", help="an NF4 base (QLoRA)")
-    p.add_argument("--max-context", action="store_true", help="search the longest trainable sequence instead")
     p.add_argument("--results", default=None, help="append here (default: benchmarks/results.jsonl)")
     args = p.parse_args()
 
@@ -98,14 +95,6 @@ def main() -> None:
     model.kernels = not args.no_kernels
     if args.disable_kernels:
         model.disable_kernels(args.disable_kernels)
-    if args.max_context:
-        longest = max_context(model, trainable, cfg["vocab_size"], args.seq_len)
-        row = {"system": "lorafit", "model": Path(args.model).name, "qlora": args.qlora, "micro_batch": 1,
-               "max_context_tokens": longest, "resolution_tokens": 1024, "checkpointing": "offload"}
-        print(f"| {row['model']} | lorafit{' QLoRA' if args.qlora else ''} | longest trainable context "
-              f"{longest:,} tokens |")
-        record("gpu_max_context", [row], results=args.results or RESULTS)
-        return
     model.train()
 
     g = torch.Generator().manual_seed(args.seed)
@@ -177,38 +166,6 @@ def what_estimate_says(args, cfg: dict, modes) -> dict:
     result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card])
     return {"estimate_peak_GiB": round(result.memory.total / GiB, 2), "estimate_step_s": round(result.step_seconds, 3),
             "estimate_card": card}
-
-
-def max_context(model, trainable, vocab_size: int, start: int, resolution: int = 1024) -> int:
-    """The longest multiple of `resolution` tokens that trains one AdamW step at micro-batch 1."""
-    model.activation_checkpointing = "offload"  # what the longest contexts need
-
-    def fits(length: int) -> bool:
-        optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.01, fused=True)
-        try:
-            x = torch.randint(0, vocab_size, (1, length), device="cuda")
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(x, labels=x).loss
-            loss.backward()
-            optimizer.step()
-            torch.cuda.synchronize()
-            ok = True
-        except torch.OutOfMemoryError:
-            ok = False
-        loss = x = None
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer
-        torch.cuda.empty_cache()
-        print(f"  {length:,} tokens: {'fits' if ok else 'out of memory'}", flush=True)
-        return ok
-
-    low, high = 0, start
-    while fits(high):
-        low, high = high, high * 2
-    while high - low > resolution:
-        mid = (low + high) // 2 // resolution * resolution
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
 
 
 if __name__ == "__main__":
