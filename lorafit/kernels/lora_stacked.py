@@ -111,8 +111,8 @@ class _StackedLoRA(torch.autograd.Function):
         x, a_w, b_w, down, *saved = ctx.saved_tensors
         weights, r = ctx.weights, ctx.weights.r
         W = (saved[0] if saved else weights.weight(ctx.layers, x.dtype)) if ctx.needs_input_grad[0] else None
-        # grad B_i = s dy_i^T (x A_i^T): the diagonal blocks of dy^T (x A^T), computed whole (3x the few
-        # (O, r) values needed, next to dy W's (N, C)) and scaled per layer below.
+        # grad B_i = s dy_i^T (x A_i^T): the diagonal blocks of dy^T (x A^T), computed whole (k times the
+        # needed blocks: 1.2% of dy W's FLOPs for 8B's q, k, v, against 0.4% for the blocks alone), scaled below.
         grad_x, grad_a, grad_b = _lora_backward(grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]),
                                                 W, a_w, b_w, down, 1.0, ctx.needs_input_grad[0],
                                                 (torch.float32, torch.float32))
