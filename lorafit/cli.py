@@ -182,7 +182,7 @@ def cmd_estimate(args) -> int:
     from .advisor import training_plan
     from .config import Config
     from .estimate import DEVICES, build_meta_model, estimate, largest_fitting
-    from .memory import GiB, plan_checkpointing
+    from .memory import GiB, mlp_tile_chunk, plan_checkpointing
     from .training.batch_size import choose_micro_batch
 
     config = Config.from_yaml(args.config, args.overrides)
@@ -220,9 +220,11 @@ def cmd_estimate(args) -> int:
     print()
     kept = result.modes.count("none")
     print(f"peak memory  {result.memory.summary()}")
+    chunk = mlp_tile_chunk(model, tokens)
     print(f"checkpointing {kept} of {n} layers keep their activations, {n - kept} "
           f"{'recomputed' if t.activation_checkpointing == 'layers' else 'offloaded'} "
-          f"(train.activation_checkpointing: {t.activation_checkpointing})")
+          f"(train.activation_checkpointing: {t.activation_checkpointing})"
+          + (f"; the MLPs {chunk:,} tokens at a time" if chunk else ""))
     offloaded = result.modes.count("offload") * tokens * model.config.hidden_size * 2  # bf16 layer inputs
     if offloaded:
         print(f"host memory  {offloaded / GiB:.2f} GiB of pinned CPU memory for the offloaded layer inputs")

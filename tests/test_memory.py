@@ -62,6 +62,24 @@ def test_the_long_context_estimate_is_within_3_percent_of_the_measured_peak(toke
     assert abs(estimate.total / GiB - measured_gib) <= 0.03 * measured_gib, estimate.summary()
 
 
+def test_when_every_layer_offloaded_does_not_fit_the_plan_tiles_the_mlp():
+    from lorafit.models.llama import MLP
+
+    model = _meta_lora_model(LLAMA_3_1_8B)
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    tokens, offloaded = 32768, ["offload"] * 32
+    untiled = estimate_training_memory(model, tokens, offloaded).total
+    tiled = estimate_training_memory(model, tokens, offloaded, tiled=True).total
+    assert tiled < untiled  # at 32K tokens the default (from 65,536) does not tile
+    assert plan_checkpointing(model, tokens, untiled, on_gpu=True) == offloaded
+    assert all(m.tile_tokens == MLP.tile_tokens for m in mlps)  # it fits untiled: nothing changes
+    with pytest.raises(ConfigError, match="even with every layer offloaded and the MLP tiled"):
+        plan_checkpointing(model, tokens, tiled - 1, on_gpu=True)
+    assert plan_checkpointing(model, tokens, (tiled + untiled) // 2, on_gpu=True) == offloaded
+    assert all(m.tile_tokens == tokens for m in mlps)
+    assert estimate_training_memory(model, tokens, offloaded).total == tiled
+
+
 def test_the_plan_offloads_the_fewest_layers_that_fit():
     model = _meta_lora_model(LLAMA_3_1_8B)
     everything = estimate_training_memory(model, 4096, ["none"] * 32).total

@@ -237,6 +237,13 @@ class CausalLM(nn.Module):
     def kernels(self, enabled: bool) -> None:
         self.disable_kernels(() if enabled else self.KERNELS)
 
+    def tile_mlp_from(self, tokens: int) -> None:
+        """Every MLP runs a chunk of tokens at a time from passes of `tokens` on (nn/tiled_mlp.py): what the
+        memory planner chooses when every layer offloaded does not fit (lorafit/memory.py)."""
+        for m in self.modules():
+            if isinstance(m, MLP):
+                m.tile_tokens = tokens if m.tile_tokens is None else min(m.tile_tokens, tokens)
+
     def disable_kernels(self, names) -> None:
         """Switches the named kernels (of KERNELS) off and all others on."""
         unknown = set(names) - set(self.KERNELS)

@@ -15,7 +15,7 @@ import torch
 from ..adapter_io import adapter_tensors, save_adapter
 from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
-from ..memory import GiB, device_budget_bytes, estimate_training_memory, plan_checkpointing
+from ..memory import GiB, device_budget_bytes, estimate_training_memory, mlp_tile_chunk, plan_checkpointing
 from ..models.loading import load_model
 from .batch_size import choose_micro_batch, fits_one_step
 from .checkpoint import load_checkpoint, require_latest
@@ -124,9 +124,11 @@ def choose_checkpointing(config, model, device: torch.device) -> str:
     kept = sum(m == "none" for m in modes)
     estimate = estimate_training_memory(model, tokens, modes)
     budget = "" if t.memory_budget_gib is None else f" of a {t.memory_budget_gib:g} GiB budget"
+    chunk = mlp_tile_chunk(model, tokens)
+    tiled = f", the MLPs {chunk:,} tokens at a time" if chunk else ""
     return (f"memory plan: {kept} of {n_layers} layers keep their activations, {n_layers - kept} "
-            f"{'offloaded' if t.activation_checkpointing in ('auto', 'offload') else 'recomputed'}; estimated "
-            f"peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})")
+            f"{'offloaded' if t.activation_checkpointing in ('auto', 'offload') else 'recomputed'}{tiled}; "
+            f"estimated peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})")
 
 
 def open_run(config, model, optimizer, scheduler, state: dict, resume: bool, log,
