@@ -125,6 +125,11 @@ class LoRALinear(nn.Module):
         return self._compute_adapters
 
     def _fused_path_applies(self, x: torch.Tensor) -> bool:
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+            # A float32 model under bf16 autocast: the function's products would come out in bf16 and its
+            # in-place adds meet float32 adapters. The composed path, whose every op autocast casts, takes it.
+            return False
         base = self.base_layer
         if isinstance(base, nn.Linear):
             frozen_in_x_dtype = not base.weight.requires_grad and x.dtype == base.weight.dtype

@@ -214,3 +214,17 @@ def test_float32_adapters_on_a_bfloat16_base_run_without_autocast(variant):
     with torch.no_grad():
         logits = model(IDS).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_a_float32_model_trains_under_bfloat16_autocast():
+    """The one-function LoRA path computes in x's dtype; under autocast to another dtype the layers take the
+    composed path, which autocast casts op by op (it failed with a dtype mismatch before)."""
+    model = native_copy(tiny_hf_model("llama"))
+    lorafit.apply_lora(model, r=4, verbose=False)
+    randomize_adapters(model)
+    reference = model(IDS, labels=IDS).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    assert abs(loss.item() - reference.item()) <= 0.02 * reference.item()  # bf16 rounding only
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
