@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.lora_linear import compute_adapters, lora_linear, swiglu_lora_linear
+from .kernels.lora_linear import compute_adapters, lora_linear, split_gate_up, swiglu_lora_linear
 from .kernels.swiglu import swiglu
 from .nn.linear import Linear, can_prepack
 
@@ -112,7 +112,7 @@ class LoRALinear(nn.Module):
         if (self.training or torch.is_grad_enabled()) and not self.disabled and self._fused_path_applies(gate):
             return swiglu_lora_linear(gate, up, self._frozen_weight(), self.base_layer.bias, self.lora_A.weight,
                                       self.lora_B.weight, self.scaling, self.compute_adapters(gate.dtype))
-        return self(swiglu(*gate.chunk(2, dim=-1)) if up is None else swiglu(gate, up))
+        return self(swiglu(*split_gate_up(gate, up)))
 
     def compute_adapters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, scaling * B) in `dtype`, made again only when the adapters changed (an optimizer step or a load

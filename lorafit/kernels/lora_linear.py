@@ -82,7 +82,7 @@ class _SwiGLULoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, a_w, b_w, scaling):
-        h = swiglu_values(*_halves(gate, up))  # (..., I): Triton on CUDA, the reference elsewhere
+        h = swiglu_values(*split_gate_up(gate, up))  # (..., I): Triton on CUDA, the reference elsewhere
         y, down = _lora_forward(h.reshape(-1, h.shape[-1]), _dense(weight, h.dtype), bias, a_w, b_w)
         ctx.save_for_backward(gate, up, a_w, b_w, down, *_save_weight(ctx, weight))
         ctx.scaling, ctx.param_dtypes = scaling, (lora_a.dtype, lora_b.dtype)
@@ -91,7 +91,7 @@ class _SwiGLULoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         gate, up, a_w, b_w, down, *saved = ctx.saved_tensors
-        h = swiglu_values(*_halves(gate, up))
+        h = swiglu_values(*split_gate_up(gate, up))
         weight = _dense(ctx.quantized or saved[0], h.dtype)
         grad_h, grad_a, grad_b = _lora_backward(grad_y.reshape(-1, grad_y.shape[-1]), h.reshape(-1, h.shape[-1]),
                                                 weight, a_w, b_w, down, ctx.scaling, True, ctx.param_dtypes)
@@ -105,12 +105,9 @@ class _SwiGLULoRALinear(torch.autograd.Function):
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None
 
 
-def _halves(gate, up):
+def split_gate_up(gate, up):
     """(gate, up), from a packed [gate | up] when up is None."""
-    if up is not None:
-        return gate, up
-    half = gate.shape[-1] // 2
-    return gate[..., :half], gate[..., half:]
+    return (gate, up) if up is not None else gate.chunk(2, dim=-1)
 
 
 def compute_adapters(lora_a, lora_b, scaling: float, dtype):

@@ -27,6 +27,7 @@ from torch import nn
 
 from .swiglu import swiglu_grads_packed, swiglu_values
 from .lora_linear import _lora_backward, _lora_forward
+from .lora_stacked import can_stack
 
 
 class GateUpWeights:
@@ -67,11 +68,8 @@ class GateUpWeights:
 
 def can_fuse(gate, up, down, x: torch.Tensor) -> bool:
     """Plain LoRA (no dropout, no DoRA, adapters on) over dense frozen bias-free bases, in x's dtype."""
-    layers = (gate, up, down)
-    return (all(hasattr(m, "lora_A") and not m.disabled and m._fused_path_applies(x)
-                and isinstance(m.base_layer, nn.Linear) for m in layers)  # not NF4: M holds dense W
-            and all(m.base_layer.bias is None for m in layers)
-            and gate.lora_A.weight.shape[0] == up.lora_A.weight.shape[0] and gate.scaling == up.scaling)
+    return (can_stack((gate, up), x) and can_stack((down,), x)  # gate and up share M: one rank and scaling
+            and all(isinstance(m.base_layer, nn.Linear) for m in (gate, up, down)))  # not NF4: M holds dense W
 
 
 def lora_mlp(x: torch.Tensor, weights: GateUpWeights, gate, up, down) -> torch.Tensor:
