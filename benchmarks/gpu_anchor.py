@@ -7,7 +7,10 @@ The workload is ../shared/bench's (run that harness in the same call for the com
 model with a real Llama architecture saved by `anchor_bench.py make-model`, bf16, LoRA r=16 alpha=16
 dropout 0 on q,k,v,o,gate,up,down, AdamW lr 2e-4 weight decay 0.01, micro-batch 2 x 2048 random tokens
 (labels = inputs, no padding), gradient accumulation 8, the same seeded data, warm-up steps untimed. lorafit
-trains as its SFT recipe does: float32 adapter weights, bf16 autocast.
+trains as its SFT recipe does: float32 adapter weights, bf16 autocast, and when every layer keeps its
+activations, micro-batches replayed from a CUDA graph (training/cuda_graphs.py; `--disable-kernels
+cuda_graphs` turns that off). The allocator counts the graph's pool as allocated only while it is recorded:
+peak_GiB is the whole pool beside the timed steps' peak outside it (or the warm-up's peak when higher).
 
 Model FLOPs per token = 4 N_frozen + 6 N_lora + 6 L d_attn s, as the harness counts them; MFU is against
 --peak-tflops (default: a bf16 8192^3 matmul measured here, first).
@@ -84,31 +87,49 @@ def main() -> None:
     for p in trainable:  # as the SFT recipe keeps them: float32 masters
         p.data = p.data.float()
     model.activation_checkpointing = args.checkpointing
-    tokens = args.micro_batch * args.seq_len
-    if args.memory_budget is not None:
-        from lorafit.memory import GiB, estimate_training_memory, plan_checkpointing
-
-        model.activation_checkpointing = plan_checkpointing(model, tokens, int(args.memory_budget * GiB), True)
-        estimate = estimate_training_memory(model, tokens, model.activation_checkpointing)
-        print(f"plan for {args.memory_budget} GiB: {model.activation_checkpointing.count('offload')} layers "
-              f"offloaded; estimated {estimate.summary()}")
     model.kernels = not args.no_kernels
     if args.disable_kernels:
         model.disable_kernels(args.disable_kernels)
+    tokens = args.micro_batch * args.seq_len
+    if args.memory_budget is not None:
+        from lorafit.estimate import DEVICES, card_named, plan_training
+        from lorafit.memory import GiB, estimate_training_memory
+        from lorafit.training.cuda_graphs import can_graph
+
+        replayable = can_graph(model, torch.device("cuda"), False, modes=["layers"])
+        modes, _ = plan_training(model, tokens, args.seq_len, int(args.memory_budget * GiB),
+                                 "qlora" if args.qlora else "lora", replayable,
+                                 DEVICES.get(card_named(torch.cuda.get_device_name())))
+        model.activation_checkpointing = modes
+        estimate = estimate_training_memory(model, tokens, modes, graphed=can_graph(model, torch.device("cuda"), False))
+        print(f"plan for {args.memory_budget} GiB: {modes.count('offload')} layers offloaded, "
+              f"{modes.count('layers')} recomputed; estimated {estimate.summary()}")
     model.train()
 
     g = torch.Generator().manual_seed(args.seed)
     n_micro = (args.warmup + args.steps) * args.grad_accum
     data = torch.randint(0, cfg["vocab_size"], (n_micro, args.micro_batch, args.seq_len), generator=g).cuda()
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.01, fused=True)
+    from lorafit.training.cuda_graphs import GraphedMicroBatches, can_graph
+
+    graphs = None
+    if can_graph(model, torch.device("cuda"), distributed=False):
+        graphs = GraphedMicroBatches(model, trainable, torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
+    warm_peak = 0
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:  # a replay allocates nothing: the timed steps' peak is what lives outside the graph
+            warm_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         total = torch.zeros((), device="cuda")
         for m in range(args.grad_accum):
             x = data[step * args.grad_accum + m]
+            if graphs is not None:
+                total += graphs({"input_ids": x, "labels": x}, 1 / args.grad_accum) * args.grad_accum
+                continue
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(x, labels=x).loss
             (loss / args.grad_accum).backward()
@@ -121,34 +142,46 @@ def main() -> None:
         print(f"step {step} {'warm-up' if step < args.warmup else 'timed'} {times[-1]:.3f}s loss {losses[-1]:.4f}",
               flush=True)
 
+    timed_peak, pool = torch.cuda.max_memory_allocated(), graphs.pool_bytes() if graphs is not None else 0
     timed = times[args.warmup:]
     tokens_per_s = args.micro_batch * args.seq_len * args.grad_accum * len(timed) / sum(timed)
     mfu = model_flops_per_token(cfg, 16, args.seq_len) * tokens_per_s / (peak * 1e12)
     modes = model.activation_checkpointing
-    checkpointing = modes if isinstance(modes, str) else f"{modes.count('offload')} of {len(modes)} offloaded"
+    if isinstance(modes, str):
+        checkpointing = modes
+    elif "layers" in modes:
+        checkpointing = f"{modes.count('layers')} of {len(modes)} recomputed"
+    else:
+        checkpointing = f"{modes.count('offload')} of {len(modes)} offloaded"
     row = {
         "system": "lorafit", "model": Path(args.model).name, "checkpointing": checkpointing,
         "memory_budget_GiB": args.memory_budget,
         "kernels": not args.no_kernels, "disabled_kernels": args.disable_kernels,
-        "tokens_per_s": round(tokens_per_s), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "tokens_per_s": round(tokens_per_s), "peak_alloc_GiB": round(max(warm_peak, timed_peak) / 2**30, 2),
+        "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "cuda_graph": pool > 0, "graph_pool_GiB": round(pool / 2**30, 2),
+        # What the run holds at its peak: with a graph, its whole pool beside what lives outside it.
+        "peak_GiB": round(max(warm_peak, timed_peak + pool) / 2**30, 2),
         "mfu": round(mfu, 3), "peak_tflops": round(peak), "losses": [round(x, 4) for x in losses], "qlora": args.qlora,
         "load_s": round(load_s, 1),
     }
-    row.update(what_estimate_says(args, cfg, modes))
+    row.update(what_estimate_says(args, cfg, modes, graphed=pool > 0))
     step_s = sum(timed) / len(timed)
     row["step_s"] = round(step_s, 3)
-    print(f"estimate (lorafit estimate, issue 10): peak {row['estimate_peak_GiB']} GiB vs {row['peak_alloc_GiB']} "
-          f"measured ({100 * (row['estimate_peak_GiB'] / row['peak_alloc_GiB'] - 1):+.1f}%); step "
+    print(f"estimate (lorafit estimate, issue 10): peak {row['estimate_peak_GiB']} GiB vs {row['peak_GiB']} "
+          f"measured ({100 * (row['estimate_peak_GiB'] / row['peak_GiB'] - 1):+.1f}%); step "
           f"{row['estimate_step_s']} s vs {row['step_s']} s ({100 * (row['estimate_step_s'] / step_s - 1):+.1f}%)")
     label = f"{'QLoRA, ' if args.qlora else ''}{checkpointing}{'' if model.kernels else ', no kernels'}" + \
         "".join(f", no {name}" for name in args.disable_kernels)
-    print(f"| {row['model']} | lorafit ({label}) | {row['tokens_per_s']} | {row['peak_alloc_GiB']} GiB "
+    label += ", CUDA graph" if row["cuda_graph"] else ""
+    print(f"| {row['model']} | lorafit ({label}) | {row['tokens_per_s']} | {row['peak_GiB']} GiB "
+          f"(allocated {row['peak_alloc_GiB']}, reserved {row['peak_reserved_GiB']}) "
           f"| MFU {100 * mfu:.1f}% |")
     record("gpu_anchor", [row], results=args.results or RESULTS, micro_batch=args.micro_batch,
            seq_len=args.seq_len, grad_accum=args.grad_accum, lora_r=16)
 
 
-def what_estimate_says(args, cfg: dict, modes) -> dict:
+def what_estimate_says(args, cfg: dict, modes, graphed: bool) -> dict:
     """`lorafit estimate` for this run, computed as the command computes it: the model built on the meta
     device from config.json, the peak memory of lorafit/memory.py for the checkpointing used here, and the
     step time of lorafit/estimate.py at this card's table rate."""
@@ -163,7 +196,8 @@ def what_estimate_says(args, cfg: dict, modes) -> dict:
     meta = build_meta_model(config, cfg)
     modes = [modes] * cfg["num_hidden_layers"] if isinstance(modes, str) else list(modes)
     card = card_named(torch.cuda.get_device_name())
-    result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card])
+    result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card],
+                      graphed)
     return {"estimate_peak_GiB": round(result.memory.total / GiB, 2), "estimate_step_s": round(result.step_seconds, 3),
             "estimate_card": card}
 

@@ -181,8 +181,11 @@ def cmd_estimate(args) -> int:
     """Prints the peak-memory breakdown, the checkpointing plan, what fits, and the time per step and run."""
     from .advisor import training_plan
     from .config import Config
-    from .estimate import DEVICES, build_meta_model, estimate, largest_fitting
-    from .memory import GiB, mlp_tile_chunk, plan_checkpointing
+    import torch
+
+    from .estimate import DEVICES, build_meta_model, estimate, largest_fitting, plan_training
+    from .memory import GiB, mlp_tile_chunk
+    from .training.cuda_graphs import can_graph
     from .training.batch_size import choose_micro_batch
 
     config = Config.from_yaml(args.config, args.overrides)
@@ -198,18 +201,23 @@ def cmd_estimate(args) -> int:
     per_sequence = 2 if t.recipe == "dpo" else 1  # DPO's micro-batch holds each pair's two answers
     n = model.config.num_layers
 
-    def modes_for(tokens: int) -> list[str]:
-        if t.activation_checkpointing != "auto":
-            return [t.activation_checkpointing] * n
-        if budget is None:
-            return ["none"] * n
+    model.disable_kernels(t.disable_kernels)
+    sft = t.recipe == "sft"  # the recipe that replays micro-batches from CUDA graphs
+    replayable = sft and can_graph(model, torch.device("cuda"), False, modes=["layers"])
+
+    def plan_for(tokens: int) -> tuple[list[str], bool]:
+        """(modes, graphed) as training on this card would choose them (training/loop.py)."""
+        if t.activation_checkpointing != "auto" or budget is None:
+            modes = [t.activation_checkpointing if budget is not None else "none"] * n
+            return modes, sft and can_graph(model, torch.device("cuda"), False, modes)
         try:
-            return plan_checkpointing(model, tokens, budget, on_gpu=True)
+            return plan_training(model, tokens, seq, budget, config.finetune.method, replayable, device)
         except LorafitError:
-            return ["offload"] * n
+            return ["offload"] * n, False
 
     tokens = t.batch_size * seq * per_sequence
-    result = estimate(config, model, tokens, seq, modes_for(tokens), budget, device)
+    modes, graphed = plan_for(tokens)
+    result = estimate(config, model, tokens, seq, modes, budget, device, graphed=graphed)
     print(f"config: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"model:  {config.model.source}, {config.finetune.method}"
           + (f" r={config.finetune.r}" if config.finetune.method != "full" else "")
@@ -222,9 +230,10 @@ def cmd_estimate(args) -> int:
     print(f"peak memory  {result.memory.summary()}")
     chunk = mlp_tile_chunk(model, tokens)
     print(f"checkpointing {kept} of {n} layers keep their activations, {n - kept} "
-          f"{'recomputed' if t.activation_checkpointing == 'layers' else 'offloaded'} "
+          f"{'offloaded' if 'offload' in result.modes else 'recomputed'} "
           f"(train.activation_checkpointing: {t.activation_checkpointing})"
-          + (f"; the MLPs {chunk:,} tokens at a time" if chunk else ""))
+          + (f"; the MLPs {chunk:,} tokens at a time" if chunk else "")
+          + ("; micro-batches replayed from a CUDA graph" if graphed else ""))
     offloaded = result.modes.count("offload") * tokens * model.config.hidden_size * 2  # bf16 layer inputs
     if offloaded:
         print(f"host memory  {offloaded / GiB:.2f} GiB of pinned CPU memory for the offloaded layer inputs")

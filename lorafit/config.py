@@ -30,7 +30,7 @@ MODEL_DTYPES = ("auto", *DTYPES)
 RECIPES = ("sft", "dpo", "grpo")
 SCHEDULERS = ("linear", "cosine")
 ACTIVATION_CHECKPOINTING = ("auto", "none", "layers", "offload")  # auto, then lorafit.nn.checkpointing.MODES
-KERNELS = ("rms_norm", "rope", "swiglu", "lora_mlp", "lora_qkv", "cross_entropy")  # lorafit.models.llama.CausalLM.KERNELS
+KERNELS = ("rms_norm", "rope", "swiglu", "lora_mlp", "lora_qkv", "cross_entropy", "cuda_graphs")  # lorafit.models.llama.CausalLM.KERNELS
 DISTRIBUTED = ("auto", "ddp", "fsdp")  # lorafit.training.distributed.STRATEGIES
 DPO_LOSSES = ("sigmoid", "ipo")  # lorafit.losses.dpo.LOSSES
 GRPO_NORMALISATIONS = ("token", "sequence", "dr_grpo")  # lorafit.losses.grpo.NORMALISATIONS
@@ -305,7 +305,8 @@ class TrainSection:
     memory_budget_gib: float | None = None  # auto's budget; null: the GPU's memory less 5%
     # Fused GPU kernels to switch off (CPU always runs plain PyTorch), for debugging or before/after numbers:
     # rms_norm, rope, swiglu, lora_mlp (the LoRA MLP as one function), lora_qkv (q, k, v as one function),
-    # cross_entropy (chunked, with lm_head).
+    # cross_entropy (chunked, with lm_head), cuda_graphs (micro-batches of one shape replayed from a CUDA
+    # graph, training/cuda_graphs.py).
     disable_kernels: tuple[str, ...] = ()
     # Several processes (torchrun, or `lorafit train --nproc N`): ddp replicates the model on every rank,
     # fsdp shards it (FSDP2, per decoder layer); auto: ddp when weights, gradients and optimizer state fit

@@ -3,8 +3,8 @@ a memory budget (`train.activation_checkpointing: auto`, `train.memory_budget_gi
 
 The activation figures are what lorafit's own layers save for backward with the GPU kernels on, per token
 and decoder layer, and what a layer's backward holds besides. Checked against the H200
-(benchmarks/estimate_check.py): the 18 anchor-workload runs of Llama-3.2-1B and Llama-3.1-8B, LoRA and QLoRA,
-every checkpointing mode, within 1.4%; and one Llama-3.1-8B QLoRA sequence of 8K to 110K tokens with every
+(benchmarks/estimate_check.py): the 28 anchor-workload runs of Llama-3.2-1B and Llama-3.1-8B, LoRA and QLoRA,
+every checkpointing mode, eager and replayed from CUDA graphs, within 4.1%; and one Llama-3.1-8B QLoRA sequence of 8K to 110K tokens with every
 layer offloaded, within 0.4% (the peaks its backward term was counted from; tests/test_memory.py keeps
 some of these).
 """
@@ -89,8 +89,14 @@ class MemoryEstimate:
         return f"{self.total / GiB:.2f} GiB = " + " + ".join(f"{name} {b / GiB:.2f}" for name, b in parts)
 
 
+# A CUDA graph (training/cuda_graphs.py) holds its whole private pool, used or not, where the eager path is
+# charged for what it has allocated: the pools of the anchor runs were 0.2-9.6% above the activations and
+# workspace (H200, device calls 23 and 24; Llama-3.2-1B QLoRA the most).
+GRAPH_POOL_SLACK = 0.10
+
+
 def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], optimizer_states: bool = True,
-                             element_size: int = 2, tiled: bool | None = None) -> MemoryEstimate:
+                             element_size: int = 2, tiled: bool | None = None, graphed: bool = False) -> MemoryEstimate:
     """model: a prepared CausalLM (adapters applied, trainable weights in float32); modes: one checkpointing
     mode per decoder layer ("none" keeps its activations, "layers" its input, "offload" nothing); tiled: the
     MLPs a chunk of tokens at a time, or not (None: as the model's MLPs decide for this length)."""
@@ -114,6 +120,8 @@ def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], o
     recomputed = per_layer if any(m != "none" for m in modes) else 0
     transient = micro_batch_tokens * backward_transient_bytes_per_token(model.config, element_size, chunk > 0)
     workspace = max(recomputed + transient + WORKSPACE_BASE_BYTES, LOGITS_CHUNK_BYTES + dequantized)
+    if graphed:  # micro-batches replayed from a CUDA graph: its pool holds these, and more
+        activations, workspace = (int(b * (1 + GRAPH_POOL_SLACK)) for b in (activations, workspace))
     return MemoryEstimate(weights, training_state, activations, workspace)
 
 
@@ -128,9 +136,13 @@ def _dequantized_together(model) -> list[list[NF4Linear]]:
     return groups + [[m] for m in model.modules() if isinstance(m, NF4Linear) and id(m) not in together]
 
 
-def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu: bool) -> list[str]:
+def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu: bool,
+                       graphed: bool = False) -> list[str]:
     """The fewest checkpointed layers that fit the budget: the first k layers offloaded (their copies have the
     whole forward pass to finish, and their backward comes last), the others keeping their activations.
+    graphed: for micro-batches replayed from a CUDA graph (training/cuda_graphs.py), which takes recomputed
+    layers but not offloaded ones: the first k layers recomputed, beside the graph's pool; ConfigError when
+    none fit (estimate.py's `plan_training` then plans without a graph).
     When even every layer offloaded does not fit, the MLPs tiled as well: the model's MLPs are set to run a
     chunk of tokens at a time from this length on (nn/tiled_mlp.py; for 8B at 32K tokens 1.15x the time,
     and a layer's backward 132 KB a token instead of 230). Without a GPU there is nothing to offload to and
@@ -138,6 +150,12 @@ def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu
     n = model.config.num_layers
     if not on_gpu:
         return ["none"] * n
+    if graphed:
+        for k in range(n + 1):
+            modes = ["layers"] * k + ["none"] * (n - k)
+            if estimate_training_memory(model, micro_batch_tokens, modes, graphed=True).total <= budget_bytes:
+                return modes
+        raise ConfigError(f"a CUDA graph does not fit {budget_bytes / GiB:.1f} GiB even with every layer recomputed")
     for k in range(n + 1):
         modes = ["offload"] * k + ["none"] * (n - k)
         if estimate_training_memory(model, micro_batch_tokens, modes).total <= budget_bytes:

@@ -107,3 +107,22 @@ def test_the_time_follows_the_datas_lengths(anchor_config, smollm2_dir, tmp_path
     line = next(x for x in out.splitlines() if x.startswith("time"))
     at_data, at_full = (float(x) for x in re.findall(r"([\d.]+) s (?:per optimizer step|at full length)", line))
     assert "at the data's lengths" in line and at_data == pytest.approx(1.23, abs=0.01) and at_full == 1.92, line
+
+
+def test_replaying_from_a_cuda_graph_is_chosen_where_the_host_is_the_slower_clock():
+    """At Unsloth's peaks in speed mode (H200, device calls 23-24): Llama-3.2-1B replays (80-83K tokens/s
+    against 41-63K eager, measured) with two layers recomputed to leave room for the graph's pool;
+    Llama-3.1-8B, GPU-bound, trains eagerly and recomputes nothing. In memory mode only offloading fits."""
+    from lorafit.estimate import DEVICES, plan_training
+    from lorafit.memory import GiB
+    from test_memory import _meta_lora_model
+
+    one_b = _meta_lora_model({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                              "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                              "tie_word_embeddings": True})
+    eight_b = _meta_lora_model(LLAMA_3_1_8B)
+    h200 = DEVICES["H200"]
+    assert plan_training(one_b, 4096, 2048, int(6.77 * GiB), "lora", True, h200) == (["layers"] * 2 + ["none"] * 14, True)
+    assert plan_training(one_b, 4096, 2048, int(6.77 * GiB), "lora", False, h200) == (["none"] * 16, False)
+    assert plan_training(one_b, 4096, 2048, int(3.12 * GiB), "lora", True, h200) == (["offload"] * 16, False)
+    assert plan_training(eight_b, 4096, 2048, int(30.81 * GiB), "lora", True, h200) == (["none"] * 32, False)

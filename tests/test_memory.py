@@ -99,3 +99,19 @@ def test_a_budget_nothing_fits_says_what_to_change():
     model = _meta_lora_model(LLAMA_3_1_8B)
     with pytest.raises(ConfigError, match="even with every layer offloaded.*batch_size.*nf4"):
         plan_checkpointing(model, 4096, 10 * GiB, on_gpu=True)
+
+
+def test_a_graphed_plan_recomputes_layers_beside_the_graphs_pool():
+    # A CUDA graph takes recomputed layers, not offloaded ones, and holds its whole pool: GRAPH_POOL_SLACK
+    # more than the activations and workspace it was recorded with.
+    from lorafit.memory import GRAPH_POOL_SLACK
+
+    model = _meta_lora_model(LLAMA_3_1_8B)
+    eager, graphed = (estimate_training_memory(model, 4096, ["none"] * 32, graphed=g) for g in (False, True))
+    assert graphed.total - eager.total == pytest.approx(GRAPH_POOL_SLACK * (eager.activations + eager.workspace), rel=1e-6)
+    plan = plan_checkpointing(model, 4096, eager.total, on_gpu=True, graphed=True)
+    k = plan.count("layers")
+    assert 0 < k < 32 and plan == ["layers"] * k + ["none"] * (32 - k)
+    assert estimate_training_memory(model, 4096, plan, graphed=True).total <= eager.total
+    with pytest.raises(ConfigError, match="CUDA graph does not fit"):  # every layer offloaded fits; graphs cannot
+        plan_checkpointing(model, 4096, estimate_training_memory(model, 4096, ["offload"] * 32).total, True, True)

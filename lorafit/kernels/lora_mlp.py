@@ -52,10 +52,11 @@ class GateUpWeights:
                 and gate.lora_A.weight.shape[0] == self.r)
 
     def refresh(self, gate, up) -> torch.Tensor:
-        """M with the adapters' current values (copied only when they changed since the last call)."""
+        """M with the adapters' current values: copied when they changed since the last call, or on every call
+        when the layers' keep_compute_adapters is off (FSDP2, CUDA graphs: lora.py)."""
         params = (gate.lora_A.weight, gate.lora_B.weight, up.lora_A.weight, up.lora_B.weight)
         seen = tuple((p.data_ptr(), p._version) for p in params) + (gate.scaling, up.scaling)
-        if seen != self._adapters_seen:
+        if seen != self._adapters_seen or not (gate.keep_compute_adapters and up.keep_compute_adapters):
             I, C, r, M = self.I, self.C, self.r, self.M
             with torch.no_grad():
                 M[:I, C:C + r].copy_(gate.lora_B.weight * gate.scaling)

@@ -211,6 +211,7 @@ class CausalLMOutput:
 
 class CausalLM(nn.Module):
     lm_head_fused = True  # the chunked linear + cross-entropy kernel on CUDA (see `kernels`)
+    cuda_graphs = True  # training may replay micro-batches from CUDA graphs (training/cuda_graphs.py)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -225,7 +226,9 @@ class CausalLM(nn.Module):
         # What layers keep for backward: one of nn/checkpointing.py's MODES, or a list of them, one per layer.
         self.activation_checkpointing: str | list[str] = "none"
 
-    KERNELS = ("rms_norm", "rope", "swiglu", "lora_mlp", "lora_qkv", "cross_entropy")  # what disable_kernels names
+    # What disable_kernels names. cuda_graphs: training micro-batches of one shape replayed from a CUDA graph
+    # (training/cuda_graphs.py); the model only carries the switch.
+    KERNELS = ("rms_norm", "rope", "swiglu", "lora_mlp", "lora_qkv", "cross_entropy", "cuda_graphs")
 
     @property
     def kernels(self) -> bool:
@@ -250,7 +253,7 @@ class CausalLM(nn.Module):
         if unknown:
             raise ValueError(f"unknown kernels {sorted(unknown)}; they are {', '.join(self.KERNELS)}")
         on = {name: name not in names for name in self.KERNELS}
-        self.lm_head_fused = on["cross_entropy"]
+        self.lm_head_fused, self.cuda_graphs = on["cross_entropy"], on["cuda_graphs"]
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.fused = on["rms_norm"]

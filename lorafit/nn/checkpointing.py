@@ -53,7 +53,10 @@ def run_layer(layer, mode: str, x: torch.Tensor, *args, chain: OffloadChain | No
         if not x.requires_grad:
             x = x.detach().requires_grad_()
         return _OffloadedCheckpoint.apply(layer, chain or OffloadChain(), x, *args)
-    return checkpoint(layer, x, *args, use_reentrant=False)
+    # Recorded into a CUDA graph (training/cuda_graphs.py), the RNG state cannot be read on the CPU; graphs
+    # take checkpointed layers only from models without dropout, whose recomputation draws nothing.
+    preserve_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=preserve_rng)
 
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}

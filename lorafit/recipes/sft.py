@@ -17,8 +17,9 @@ from ..data import load_sft_dataset
 from ..data.packing import split_micro_batches
 from ..errors import LorafitError
 from ..lora import count_parameters
-from ..models.llama import PackedDocuments
 from ..training.checkpoint import save_checkpoint
+from ..models.llama import PackedDocuments, is_right_padded
+from ..training.cuda_graphs import GraphedMicroBatches, can_graph
 from ..training.distributed import SINGLE, Distributed, gradient_sync
 from ..training.loop import (OptimizerStep, TrainResult, finish_run, load_trainee, open_run, progress_bar,
                              stop_early, stop_requests, windows)
@@ -61,6 +62,9 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     state = {"step": 0, "epoch": 0, "window": 0, "tokens": 0, "elapsed_s": 0.0}
     state, metrics = open_run(config, model, optimizer, scheduler, state, resume, log, dist)
     optimizer_step = OptimizerStep(trainee.trainable, optimizer, scheduler, t.max_grad_norm, log)
+    graphs = None
+    if can_graph(model, device, dist.enabled):
+        graphs = GraphedMicroBatches(model, trainee.trainable, model.model.embed_tokens.weight.dtype)
 
     losses = []
     halvings = 0  # times the micro-batches were halved after running out of memory
@@ -77,9 +81,16 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
             while True:
                 batches = split_micro_batches(micro_batches, halvings)
                 try:
-                    loss = accumulate(wrapped, batches, window_tokens, autocast, device, dist)
+                    captures = graphs.captures if graphs is not None else 0
+                    loss = accumulate(wrapped, batches, window_tokens, autocast, device, dist, graphs)
+                    if graphs is not None and graphs.captures > captures:
+                        rows, length = graphs.recorded_shape
+                        log(f"micro-batches of {rows} x {length} tokens replay from a CUDA graph")
                     break
                 except torch.OutOfMemoryError:
+                    if graphs is not None:  # eager from here: no pool held beside it, no recording cut short
+                        graphs.close()
+                        graphs = None
                     # Free the window's partial gradients, halve the micro-batch (doubling the accumulation:
                     # the same examples, so the same step up to float order) and redo it from the same RNG.
                     model.zero_grad(set_to_none=True)
@@ -125,6 +136,8 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
                 stop_early(stop, output_dir, state["step"], log)
                 break
     bar.close()
+    if graphs is not None:
+        graphs.close()
 
     eval_loss = evaluate(model, data, t.batch_size, autocast, device) if data.eval else None
     summary = {"steps": state["step"], "tokens": state["tokens"], "training time (s)": round(state["elapsed_s"], 1),
@@ -133,14 +146,19 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     return TrainResult(output_dir, final, state["step"], losses, eval_loss, model, tokenizer)
 
 
-def accumulate(wrapped, micro_batches, window_tokens: int, autocast, device, dist) -> torch.Tensor:
-    """Forward and backward of one accumulation window; -> its loss (this rank's share)."""
+def accumulate(wrapped, micro_batches, window_tokens: int, autocast, device, dist,
+               graphs: GraphedMicroBatches | None = None) -> torch.Tensor:
+    """Forward and backward of one accumulation window; -> its loss (this rank's share). graphs: replays
+    micro-batches of a repeated shape (one process only)."""
     loss = torch.zeros((), device=device)
     for i, b in enumerate(micro_batches):
         n = 0 if b.get("padding") else b["num_label_tokens"]
         # The micro-batch's mean loss, weighted by its share of the window's label tokens: the accumulated
         # gradient is then that of the window's token mean. Ranks average gradients, so each backpropagates
         # world_size times its share (1x with one process).
+        if graphs is not None:
+            loss += graphs(batch_inputs(b, device), n / window_tokens)
+            continue
         with gradient_sync(wrapped, i == len(micro_batches) - 1):
             part = batch_loss(wrapped, b, autocast, device) * (n / window_tokens)
             (part * dist.world_size if dist.enabled else part).backward()
@@ -150,13 +168,8 @@ def accumulate(wrapped, micro_batches, window_tokens: int, autocast, device, dis
 
 def batch_loss(model, batch: dict, autocast, device) -> torch.Tensor:
     """Mean loss over the label tokens of one collated micro-batch."""
-    documents = None
-    if "cu_seqlens" in batch:  # packed: the model runs varlen attention where it can, else the block mask
-        documents = PackedDocuments(batch["cu_seqlens"].to(device), batch["max_seqlen"])
     with autocast:
-        return model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                     attention_mask=batch["attention_mask"].to(device),
-                     position_ids=batch["position_ids"].to(device), documents=documents).loss
+        return model(**batch_inputs(batch, device)).loss
 
 
 @torch.no_grad()
@@ -171,3 +184,17 @@ def evaluate(model, data, batch_size: int, autocast, device) -> float:
         count += b["num_label_tokens"]
     model.train(was_training)
     return total / max(count, 1)
+
+
+def batch_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated micro-batch (data/packing.py, on the CPU) as model inputs on `device`. A right-padded batch
+    goes without its padding mask: causality alone keeps real tokens from seeing the padding after them,
+    and deciding that here, on the CPU, spares the model a check that waits for the GPU."""
+    inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"]}
+    mask = batch["attention_mask"]
+    if mask.dim() != 2 or not is_right_padded(mask):
+        inputs["attention_mask"] = batch["attention_mask"]
+    inputs = {name: t.to(device, non_blocking=True) for name, t in inputs.items()}
+    if "cu_seqlens" in batch:  # packed: the model runs varlen attention where it can, else the block mask
+        inputs["documents"] = PackedDocuments(batch["cu_seqlens"].to(device), batch["max_seqlen"])
+    return inputs

@@ -15,10 +15,11 @@ import torch
 from ..adapter_io import adapter_tensors, save_adapter
 from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
-from ..memory import GiB, device_budget_bytes, estimate_training_memory, mlp_tile_chunk, plan_checkpointing
+from ..memory import GiB, device_budget_bytes, estimate_training_memory, mlp_tile_chunk
 from ..models.loading import load_model
 from .batch_size import choose_micro_batch, fits_one_step
 from .checkpoint import load_checkpoint, require_latest
+from .cuda_graphs import can_graph
 from .distributed import (SINGLE, Distributed, full_state, full_tensor, gathered, is_sharded, resolve_strategy,
                           wrap_model)
 from .metrics import MetricsLog
@@ -97,7 +98,7 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Dis
     config = config.with_batch(dist.world_size, micro)
     # Planned on the whole model: under FSDP2 each rank holds a share of the weights, so the plan is on
     # the safe side there.
-    memory_plan = choose_checkpointing(config, model, device)
+    memory_plan = choose_checkpointing(config, model, device, dist.enabled)
     wrapped = wrap_model(model, strategy, dist, base_dtype)
     if strategy == "fsdp":  # fully_shard replaced every parameter by a sharded one
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -105,9 +106,10 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Dis
                    tuple(line for line in (batch_choice, memory_plan) if line))
 
 
-def choose_checkpointing(config, model, device: torch.device) -> str:
+def choose_checkpointing(config, model, device: torch.device, distributed: bool = False) -> str:
     """Sets what the model's layers keep for backward (train.activation_checkpointing; auto: from the memory
-    budget) and says so, with the estimated peak, on a GPU."""
+    budget, replaying micro-batches from a CUDA graph where that fits) and says so, with the estimated peak,
+    on a GPU."""
     t = config.train
     n_layers = model.config.num_layers
     # A micro-batch's tokens at most; DPO's holds each pair's two answers.
@@ -117,17 +119,24 @@ def choose_checkpointing(config, model, device: torch.device) -> str:
     elif device.type != "cuda":
         modes = ["none"] * n_layers  # nothing to offload to, and no GPU memory to save
     else:
-        modes = plan_checkpointing(model, tokens, device_budget_bytes(device, t.memory_budget_gib), on_gpu=True)
+        from ..estimate import DEVICES, card_named, plan_training
+
+        card = card_named(torch.cuda.get_device_name(device))
+        modes, _ = plan_training(model, tokens, config.model.max_seq_length,
+                                 device_budget_bytes(device, t.memory_budget_gib), config.finetune.method,
+                                 t.recipe == "sft" and can_graph(model, device, distributed, modes=["layers"]),
+                                 DEVICES.get(card))  # only the SFT recipe replays graphs
     model.activation_checkpointing = modes
     if device.type != "cuda":
         return ""
-    kept = sum(m == "none" for m in modes)
-    estimate = estimate_training_memory(model, tokens, modes)
+    kept, graphed = sum(m == "none" for m in modes), t.recipe == "sft" and can_graph(model, device, distributed)
+    estimate = estimate_training_memory(model, tokens, modes, graphed=graphed)
     budget = "" if t.memory_budget_gib is None else f" of a {t.memory_budget_gib:g} GiB budget"
     chunk = mlp_tile_chunk(model, tokens)
     tiled = f", the MLPs {chunk:,} tokens at a time" if chunk else ""
+    graph = ", micro-batches of one shape replayed from a CUDA graph" if graphed else ""
     return (f"memory plan: {kept} of {n_layers} layers keep their activations, {n_layers - kept} "
-            f"{'offloaded' if t.activation_checkpointing in ('auto', 'offload') else 'recomputed'}{tiled}; "
+            f"{'offloaded' if 'offload' in modes else 'recomputed'}{tiled}{graph}; "
             f"estimated peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})")
 
 
