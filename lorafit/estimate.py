@@ -55,14 +55,15 @@ def card_named(device_name: str) -> str | None:
 # 2 x 2048 tokens, H200. none: 241 ms of kernels for 130.6 TFLOP (benchmarks/gpu_profile.py); offload and
 # layers: 385 ms per micro-batch (device call 8), the recomputed forward and the copies included.
 GPU_MFU = {"none": 0.69, "layers": 0.431, "offload": 0.431}
-# Host seconds to launch one decoder layer's forward and backward, from Llama-3.2-1B on the H200's host,
-# whose GPU work is about half of it: LoRA 76.6 ms per micro-batch / 16 layers without checkpointing and
-# 96.8 ms offloaded (device call 16), QLoRA offloaded 113.8 ms (call 17). QLoRA without checkpointing was not
-# measured with this code: LoRA's, plus two thirds of QLoRA's offloaded extra (14 of its 21 dequantisations
-# a layer). Full fine-tuning launches as LoRA.
+# Host seconds to launch one decoder layer's forward and backward: Llama-3.2-1B's eager 2 x 2048 runs on the
+# H200's hosts (results.jsonl, device calls 16-25), whose GPU work is about half of it, each key the mean over
+# the calls, because the host itself varies between calls by up to 1.46x (Unsloth's own 1B offloaded run
+# took 24,450 tok/s in call 16, 35,666 in call 25). Per micro-batch of 16 layers: LoRA 76.6, 78.9, 64.6 ms
+# without checkpointing (calls 16, 18, 22), 96.8, 70.4 offloaded (16, 25); QLoRA 92.3, 99.9 without (18, 22),
+# 113.8, 126.4, 104.4 offloaded (17, 18, 25). "layers" launches as "offload". Full fine-tuning as LoRA.
 LAUNCH_SECONDS_PER_LAYER = {
-    ("lora", "none"): 4.79e-3, ("lora", "layers"): 6.05e-3, ("lora", "offload"): 6.05e-3,
-    ("qlora", "none"): 5.5e-3, ("qlora", "layers"): 7.11e-3, ("qlora", "offload"): 7.11e-3,
+    ("lora", "none"): 4.59e-3, ("lora", "layers"): 5.22e-3, ("lora", "offload"): 5.22e-3,
+    ("qlora", "none"): 6.00e-3, ("qlora", "layers"): 7.18e-3, ("qlora", "offload"): 7.18e-3,
 }
 # Bytes moved per 4-bit weight value and pass: its half byte read, the bf16 copy written and read back by the
 # GEMM, at half the card's bandwidth: 1.9 ps per value per pass on the H200, which is Llama-3.1-8B QLoRA's
