@@ -7,10 +7,11 @@ The workload is ../shared/bench's (run that harness in the same call for the com
 model with a real Llama architecture saved by `anchor_bench.py make-model`, bf16, LoRA r=16 alpha=16
 dropout 0 on q,k,v,o,gate,up,down, AdamW lr 2e-4 weight decay 0.01, micro-batch 2 x 2048 random tokens
 (labels = inputs, no padding), gradient accumulation 8, the same seeded data, warm-up steps untimed. lorafit
-trains as its SFT recipe does: float32 adapter weights, bf16 autocast, and when every layer keeps its
-activations, micro-batches replayed from a CUDA graph (training/cuda_graphs.py; `--disable-kernels
-cuda_graphs` turns that off). The allocator counts the graph's pool as allocated only while it is recorded:
-peak_GiB is the whole pool beside the timed steps' peak outside it (or the warm-up's peak when higher).
+trains as its SFT recipe does: float32 adapter weights, bf16 autocast, and micro-batches replayed from a CUDA
+graph where the estimate's clocks say the host is the slower one (training/cuda_graphs.py; no layer offloaded
+then; `--disable-kernels cuda_graphs` turns that off). The allocator counts a graph's pool as allocated only
+while it is recorded: peak_GiB is the whole pool beside the timed steps' peak outside it (or the warm-up's
+peak when higher).
 
 Model FLOPs per token = 4 N_frozen + 6 N_lora + 6 L d_attn s, as the harness counts them; MFU is against
 --peak-tflops (default: a bf16 8192^3 matmul measured here, first).
@@ -91,17 +92,22 @@ def main() -> None:
     if args.disable_kernels:
         model.disable_kernels(args.disable_kernels)
     tokens = args.micro_batch * args.seq_len
-    if args.memory_budget is not None:
-        from lorafit.estimate import DEVICES, card_named, plan_training
-        from lorafit.memory import GiB, estimate_training_memory
-        from lorafit.training.cuda_graphs import can_graph
+    # As the SFT recipe decides (training/loop.py's choose_checkpointing): replay from a CUDA graph where the
+    # estimate's clocks say the host is the slower one.
+    from lorafit.estimate import DEVICES, card_named, plan_training, replay_pays
+    from lorafit.memory import GiB, estimate_training_memory
+    from lorafit.training.cuda_graphs import GraphedMicroBatches, can_graph
 
-        replayable = can_graph(model, torch.device("cuda"), False, modes=["layers"])
-        modes, _ = plan_training(model, tokens, args.seq_len, int(args.memory_budget * GiB),
-                                 "qlora" if args.qlora else "lora", replayable,
-                                 DEVICES.get(card_named(torch.cuda.get_device_name())))
+    cuda, method = torch.device("cuda"), "qlora" if args.qlora else "lora"
+    card = DEVICES.get(card_named(torch.cuda.get_device_name()))
+    replay = (can_graph(model, cuda, False) and
+              replay_pays(model, tokens, args.seq_len, [args.checkpointing] * cfg["num_hidden_layers"], method, card))
+    if args.memory_budget is not None:
+        replayable = can_graph(model, cuda, False, modes=["layers"])
+        modes, replay = plan_training(model, tokens, args.seq_len, int(args.memory_budget * GiB), method, replayable,
+                                      card)
         model.activation_checkpointing = modes
-        estimate = estimate_training_memory(model, tokens, modes, graphed=can_graph(model, torch.device("cuda"), False))
+        estimate = estimate_training_memory(model, tokens, modes, graphed=replay)
         print(f"plan for {args.memory_budget} GiB: {modes.count('offload')} layers offloaded, "
               f"{modes.count('layers')} recomputed; estimated {estimate.summary()}")
     model.train()
@@ -110,11 +116,7 @@ def main() -> None:
     n_micro = (args.warmup + args.steps) * args.grad_accum
     data = torch.randint(0, cfg["vocab_size"], (n_micro, args.micro_batch, args.seq_len), generator=g).cuda()
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.01, fused=True)
-    from lorafit.training.cuda_graphs import GraphedMicroBatches, can_graph
-
-    graphs = None
-    if can_graph(model, torch.device("cuda"), distributed=False):
-        graphs = GraphedMicroBatches(model, trainable, torch.bfloat16)
+    graphs = GraphedMicroBatches(model, trainable, torch.bfloat16) if replay else None
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     warm_peak = 0

@@ -183,7 +183,7 @@ def cmd_estimate(args) -> int:
     from .config import Config
     import torch
 
-    from .estimate import DEVICES, build_meta_model, estimate, largest_fitting, plan_training
+    from .estimate import DEVICES, build_meta_model, estimate, largest_fitting, plan_training, replay_pays
     from .memory import GiB, mlp_tile_chunk
     from .training.cuda_graphs import can_graph
     from .training.batch_size import choose_micro_batch
@@ -209,7 +209,8 @@ def cmd_estimate(args) -> int:
         """(modes, graphed) as training on this card would choose them (training/loop.py)."""
         if t.activation_checkpointing != "auto" or budget is None:
             modes = [t.activation_checkpointing if budget is not None else "none"] * n
-            return modes, sft and can_graph(model, torch.device("cuda"), False, modes)
+            return modes, (sft and can_graph(model, torch.device("cuda"), False, modes)
+                           and replay_pays(model, tokens, seq, modes, config.finetune.method, device))
         try:
             return plan_training(model, tokens, seq, budget, config.finetune.method, replayable, device)
         except LorafitError:

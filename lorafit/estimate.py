@@ -167,6 +167,14 @@ def plan_training(model, tokens: int, seq_len: int, budget_bytes: int, method: s
     return (replayed, True) if faster else (eager, False)
 
 
+def replay_pays(model, tokens: int, seq_len: int, modes: list[str], method: str, device: Device | None) -> bool:
+    """Whether replaying these micro-batches from a CUDA graph is faster than launching them, by the clocks
+    above: where the host's clock is the longer (device None: the H100's)."""
+    device = device or DEVICES["H100"]
+    return (micro_batch_seconds(model, tokens, seq_len, modes, method, device, graphed=True)
+            < micro_batch_seconds(model, tokens, seq_len, modes, method, device))
+
+
 def micro_batch_seconds(model, tokens: int, seq_len: int, modes: list[str], method: str, device: Device,
                         graphed: bool = False) -> float:
     """Forward and backward of one micro-batch: the longer of the GPU's time and the host's (module docstring);

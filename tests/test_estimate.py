@@ -113,7 +113,7 @@ def test_replaying_from_a_cuda_graph_is_chosen_where_the_host_is_the_slower_cloc
     """At Unsloth's peaks in speed mode (H200, device calls 23-24): Llama-3.2-1B replays (80-83K tokens/s
     against 41-63K eager, measured) with two layers recomputed to leave room for the graph's pool;
     Llama-3.1-8B, GPU-bound, trains eagerly and recomputes nothing. In memory mode only offloading fits."""
-    from lorafit.estimate import DEVICES, plan_training
+    from lorafit.estimate import DEVICES, plan_training, replay_pays
     from lorafit.memory import GiB
     from test_memory import _meta_lora_model
 
@@ -126,3 +126,6 @@ def test_replaying_from_a_cuda_graph_is_chosen_where_the_host_is_the_slower_cloc
     assert plan_training(one_b, 4096, 2048, int(6.77 * GiB), "lora", False, h200) == (["none"] * 16, False)
     assert plan_training(one_b, 4096, 2048, int(3.12 * GiB), "lora", True, h200) == (["offload"] * 16, False)
     assert plan_training(eight_b, 4096, 2048, int(30.81 * GiB), "lora", True, h200) == (["none"] * 32, False)
+    # With the checkpointing fixed (train.activation_checkpointing: none), the same clocks decide.
+    assert replay_pays(one_b, 4096, 2048, ["none"] * 16, "qlora", h200)
+    assert not replay_pays(eight_b, 4096, 2048, ["none"] * 32, "lora", h200)

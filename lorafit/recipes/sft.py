@@ -19,7 +19,7 @@ from ..errors import LorafitError
 from ..lora import count_parameters
 from ..training.checkpoint import save_checkpoint
 from ..models.llama import PackedDocuments, is_right_padded
-from ..training.cuda_graphs import GraphedMicroBatches, can_graph
+from ..training.cuda_graphs import GraphedMicroBatches
 from ..training.distributed import SINGLE, Distributed, gradient_sync
 from ..training.loop import (OptimizerStep, TrainResult, finish_run, load_trainee, open_run, progress_bar,
                              stop_early, stop_requests, windows)
@@ -63,7 +63,7 @@ def run_sft(config, resume: bool = False, cache_dir=None, log=print, progress: b
     state, metrics = open_run(config, model, optimizer, scheduler, state, resume, log, dist)
     optimizer_step = OptimizerStep(trainee.trainable, optimizer, scheduler, t.max_grad_norm, log)
     graphs = None
-    if can_graph(model, device, dist.enabled):
+    if trainee.replay:
         graphs = GraphedMicroBatches(model, trainee.trainable, model.model.embed_tokens.weight.dtype)
 
     losses = []

@@ -62,6 +62,8 @@ class Trainee:
     config: object = None  # the run's config, train.batch_size and grad_accum made the integers it trains with
     # To log: with batch_size auto, the micro-batch chosen and why; on a GPU, the checkpointing plan and peak.
     notes: tuple[str, ...] = ()
+    # SFT micro-batches of one shape replayed from a CUDA graph (training/cuda_graphs.py), as the plan chose.
+    replay: bool = False
 
 
 def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Distributed = SINGLE) -> Trainee:
@@ -98,38 +100,40 @@ def load_trainee(config, cache_dir=None, with_reference: bool = False, dist: Dis
     config = config.with_batch(dist.world_size, micro)
     # Planned on the whole model: under FSDP2 each rank holds a share of the weights, so the plan is on
     # the safe side there.
-    memory_plan = choose_checkpointing(config, model, device, dist.enabled)
+    memory_plan, replay = choose_checkpointing(config, model, device, dist.enabled)
     wrapped = wrap_model(model, strategy, dist, base_dtype)
     if strategy == "fsdp":  # fully_shard replaced every parameter by a sharded one
         trainable = [p for p in model.parameters() if p.requires_grad]
     return Trainee(model, tokenizer, trainable, device, autocast, reference, wrapped, strategy, config,
-                   tuple(line for line in (batch_choice, memory_plan) if line))
+                   tuple(line for line in (batch_choice, memory_plan) if line), replay)
 
 
-def choose_checkpointing(config, model, device: torch.device, distributed: bool = False) -> str:
+def choose_checkpointing(config, model, device: torch.device, distributed: bool = False) -> tuple[str, bool]:
     """Sets what the model's layers keep for backward (train.activation_checkpointing; auto: from the memory
-    budget, replaying micro-batches from a CUDA graph where that fits) and says so, with the estimated peak,
-    on a GPU."""
+    budget) and decides whether SFT micro-batches replay from a CUDA graph (where the estimate's clocks say
+    the host is the slower one: estimate.py). -> (what to log on a GPU, with the estimated peak; replay)."""
     t = config.train
     n_layers = model.config.num_layers
     # A micro-batch's tokens at most; DPO's holds each pair's two answers.
     tokens = t.batch_size * config.model.max_seq_length * (2 if t.recipe == "dpo" else 1)
+    if device.type != "cuda":
+        model.activation_checkpointing = [t.activation_checkpointing if t.activation_checkpointing != "auto"
+                                          else "none"] * n_layers  # auto: nothing to offload to, nor to save
+        return "", False
+    from ..estimate import DEVICES, card_named, plan_training, replay_pays
+
+    card = DEVICES.get(card_named(torch.cuda.get_device_name(device)))
+    sft = t.recipe == "sft"  # the recipe that replays graphs
     if t.activation_checkpointing != "auto":
         modes = [t.activation_checkpointing] * n_layers
-    elif device.type != "cuda":
-        modes = ["none"] * n_layers  # nothing to offload to, and no GPU memory to save
+        graphed = (sft and can_graph(model, device, distributed, modes)
+                   and replay_pays(model, tokens, config.model.max_seq_length, modes, config.finetune.method, card))
     else:
-        from ..estimate import DEVICES, card_named, plan_training
-
-        card = card_named(torch.cuda.get_device_name(device))
-        modes, _ = plan_training(model, tokens, config.model.max_seq_length,
-                                 device_budget_bytes(device, t.memory_budget_gib), config.finetune.method,
-                                 t.recipe == "sft" and can_graph(model, device, distributed, modes=["layers"]),
-                                 DEVICES.get(card))  # only the SFT recipe replays graphs
+        modes, graphed = plan_training(model, tokens, config.model.max_seq_length,
+                                       device_budget_bytes(device, t.memory_budget_gib), config.finetune.method,
+                                       sft and can_graph(model, device, distributed, modes=["layers"]), card)
     model.activation_checkpointing = modes
-    if device.type != "cuda":
-        return ""
-    kept, graphed = sum(m == "none" for m in modes), t.recipe == "sft" and can_graph(model, device, distributed)
+    kept = sum(m == "none" for m in modes)
     estimate = estimate_training_memory(model, tokens, modes, graphed=graphed)
     budget = "" if t.memory_budget_gib is None else f" of a {t.memory_budget_gib:g} GiB budget"
     chunk = mlp_tile_chunk(model, tokens)
@@ -137,7 +141,7 @@ def choose_checkpointing(config, model, device: torch.device, distributed: bool 
     graph = ", micro-batches of one shape replayed from a CUDA graph" if graphed else ""
     return (f"memory plan: {kept} of {n_layers} layers keep their activations, {n_layers - kept} "
             f"{'offloaded' if 'offload' in modes else 'recomputed'}{tiled}{graph}; "
-            f"estimated peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})")
+            f"estimated peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})"), graphed
 
 
 def open_run(config, model, optimizer, scheduler, state: dict, resume: bool, log,
