@@ -94,18 +94,16 @@ def main() -> None:
     tokens = args.micro_batch * args.seq_len
     # As the SFT recipe decides (training/loop.py's choose_checkpointing): replay from a CUDA graph where the
     # estimate's clocks say the host is the slower one.
-    from lorafit.estimate import DEVICES, card_named, plan_training, replay_pays
+    from lorafit.estimate import DEVICES, card_named, plan_training
     from lorafit.memory import GiB, estimate_training_memory
     from lorafit.training.cuda_graphs import GraphedMicroBatches, can_graph
 
-    cuda, method = torch.device("cuda"), "qlora" if args.qlora else "lora"
-    card = DEVICES.get(card_named(torch.cuda.get_device_name()))
-    replay = (can_graph(model, cuda, False) and
-              replay_pays(model, tokens, args.seq_len, [args.checkpointing] * cfg["num_hidden_layers"], method, card))
+    checkpointing = "auto" if args.memory_budget is not None else args.checkpointing
+    budget = int(args.memory_budget * GiB) if args.memory_budget is not None else None
+    modes, replay = plan_training(model, tokens, args.seq_len, checkpointing, budget, "qlora" if args.qlora else "lora",
+                                  lambda modes: can_graph(model, torch.device("cuda"), False, modes),
+                                  DEVICES.get(card_named(torch.cuda.get_device_name())))
     if args.memory_budget is not None:
-        replayable = can_graph(model, cuda, False, modes=["layers"])
-        modes, replay = plan_training(model, tokens, args.seq_len, int(args.memory_budget * GiB), method, replayable,
-                                      card)
         model.activation_checkpointing = modes
         estimate = estimate_training_memory(model, tokens, modes, graphed=replay)
         print(f"plan for {args.memory_budget} GiB: {modes.count('offload')} layers offloaded, "

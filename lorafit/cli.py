@@ -183,7 +183,7 @@ def cmd_estimate(args) -> int:
     from .config import Config
     import torch
 
-    from .estimate import DEVICES, build_meta_model, estimate, largest_fitting, plan_training, replay_pays
+    from .estimate import DEVICES, build_meta_model, estimate, largest_fitting, plan_training
     from .memory import GiB, mlp_tile_chunk
     from .training.cuda_graphs import can_graph
     from .training.batch_size import choose_micro_batch
@@ -202,17 +202,13 @@ def cmd_estimate(args) -> int:
     n = model.config.num_layers
 
     model.disable_kernels(t.disable_kernels)
-    sft = t.recipe == "sft"  # the recipe that replays micro-batches from CUDA graphs
-    replayable = sft and can_graph(model, torch.device("cuda"), False, modes=["layers"])
 
     def plan_for(tokens: int) -> tuple[list[str], bool]:
         """(modes, graphed) as training on this card would choose them (training/loop.py)."""
-        if t.activation_checkpointing != "auto" or budget is None:
-            modes = [t.activation_checkpointing if budget is not None else "none"] * n
-            return modes, (sft and can_graph(model, torch.device("cuda"), False, modes)
-                           and replay_pays(model, tokens, seq, modes, config.finetune.method, device))
         try:
-            return plan_training(model, tokens, seq, budget, config.finetune.method, replayable, device)
+            return plan_training(model, tokens, seq, t.activation_checkpointing, budget, config.finetune.method,
+                                 lambda modes: t.recipe == "sft" and can_graph(model, torch.device("cuda"), False,
+                                                                             modes), device)
         except LorafitError:
             return ["offload"] * n, False
 

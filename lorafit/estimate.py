@@ -146,16 +146,24 @@ def estimate(config, model, tokens_per_micro_batch: int, seq_len: int, modes: li
     return Estimate(modes, memory, budget_bytes, seconds)
 
 
-def plan_training(model, tokens: int, seq_len: int, budget_bytes: int, method: str, replayable: bool,
-                  device: Device | None) -> tuple[list[str], bool]:
-    """-> (checkpointing modes, graphed): of the plans that fit the budget, the faster by the clocks above,
-    eager (memory.plan_checkpointing: layers offloaded) or, when `replayable` (cuda_graphs.can_graph),
-    micro-batches replayed from a CUDA graph (layers recomputed, beside the graph's pool; no host clock).
-    Replays win where the host's clock is the longer: Llama-3.2-1B at 2 x 2048 tokens on the H200 trained
-    at 80-83K tokens/s replayed, 41-63K eager; Llama-3.1-8B alike either way (device calls 22-24), so there
-    the eager plan, which needs no recomputation, wins. device None (a card not in DEVICES): the H100's."""
+def plan_training(model, tokens: int, seq_len: int, checkpointing: str, budget_bytes: int | None, method: str,
+                  can_replay, device: Device | None) -> tuple[list[str], bool]:
+    """-> (checkpointing modes, graphed): what training on this card does (training/loop.py, lorafit estimate,
+    benchmarks/gpu_anchor.py). checkpointing: train.activation_checkpointing; can_replay(modes): whether
+    micro-batches under those modes may be replayed from a CUDA graph (cuda_graphs.can_graph, SFT only).
+
+    A fixed mode (or auto without a budget: none) replays where that is faster by the clocks above
+    (`replay_pays`). auto: of the plans that fit the budget, the faster, eager (memory.plan_checkpointing:
+    layers offloaded) or replayed (layers recomputed, beside the graph's pool; no host clock). Replays win
+    where the host's clock is the longer: Llama-3.2-1B at 2 x 2048 tokens on the H200 trained at 80-83K
+    tokens/s replayed, 41-63K eager; Llama-3.1-8B alike either way (device calls 22-24), so there the eager
+    plan, which needs no recomputation, wins. device None (a card not in DEVICES): the H100's."""
+    n = model.config.num_layers
+    if checkpointing != "auto" or budget_bytes is None:
+        modes = [checkpointing if checkpointing != "auto" else "none"] * n
+        return modes, can_replay(modes) and replay_pays(model, tokens, seq_len, modes, method, device)
     eager = plan_checkpointing(model, tokens, budget_bytes, on_gpu=True)
-    if not replayable:
+    if not can_replay(["layers"] * n):
         return eager, False
     try:
         replayed = plan_checkpointing(model, tokens, budget_bytes, on_gpu=True, graphed=True)

@@ -122,10 +122,18 @@ def test_replaying_from_a_cuda_graph_is_chosen_where_the_host_is_the_slower_cloc
                               "tie_word_embeddings": True})
     eight_b = _meta_lora_model(LLAMA_3_1_8B)
     h200 = DEVICES["H200"]
-    assert plan_training(one_b, 4096, 2048, int(6.77 * GiB), "lora", True, h200) == (["layers"] * 2 + ["none"] * 14, True)
-    assert plan_training(one_b, 4096, 2048, int(6.77 * GiB), "lora", False, h200) == (["none"] * 16, False)
-    assert plan_training(one_b, 4096, 2048, int(3.12 * GiB), "lora", True, h200) == (["offload"] * 16, False)
-    assert plan_training(eight_b, 4096, 2048, int(30.81 * GiB), "lora", True, h200) == (["none"] * 32, False)
-    # With the checkpointing fixed (train.activation_checkpointing: none), the same clocks decide.
+
+    def auto(model, budget_gib, replayable):  # train.activation_checkpointing: auto, LoRA at 2 x 2048
+        return plan_training(model, 4096, 2048, "auto", int(budget_gib * GiB), "lora", lambda _: replayable, h200)
+
+    assert auto(one_b, 6.77, True) == (["layers"] * 2 + ["none"] * 14, True)
+    assert auto(one_b, 6.77, False) == (["none"] * 16, False)
+    assert auto(one_b, 3.12, True) == (["offload"] * 16, False)
+    assert auto(eight_b, 30.81, True) == (["none"] * 32, False)
+    # With the checkpointing fixed (train.activation_checkpointing: none), the same clocks decide; a fixed mode
+    # stays as asked, with a budget or without one.
+    no_offload = lambda modes: "offload" not in modes  # noqa: E731  (as cuda_graphs.can_graph)
+    assert plan_training(one_b, 4096, 2048, "offload", None, "lora", no_offload, h200) == (["offload"] * 16, False)
+    assert plan_training(one_b, 4096, 2048, "none", None, "lora", no_offload, h200) == (["none"] * 16, True)
     assert replay_pays(one_b, 4096, 2048, ["none"] * 16, "qlora", h200)
     assert not replay_pays(eight_b, 4096, 2048, ["none"] * 32, "lora", h200)

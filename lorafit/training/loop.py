@@ -120,18 +120,13 @@ def choose_checkpointing(config, model, device: torch.device, distributed: bool 
         model.activation_checkpointing = [t.activation_checkpointing if t.activation_checkpointing != "auto"
                                           else "none"] * n_layers  # auto: nothing to offload to, nor to save
         return "", False
-    from ..estimate import DEVICES, card_named, plan_training, replay_pays
+    from ..estimate import DEVICES, card_named, plan_training
 
     card = DEVICES.get(card_named(torch.cuda.get_device_name(device)))
-    sft = t.recipe == "sft"  # the recipe that replays graphs
-    if t.activation_checkpointing != "auto":
-        modes = [t.activation_checkpointing] * n_layers
-        graphed = (sft and can_graph(model, device, distributed, modes)
-                   and replay_pays(model, tokens, config.model.max_seq_length, modes, config.finetune.method, card))
-    else:
-        modes, graphed = plan_training(model, tokens, config.model.max_seq_length,
-                                       device_budget_bytes(device, t.memory_budget_gib), config.finetune.method,
-                                       sft and can_graph(model, device, distributed, modes=["layers"]), card)
+    modes, graphed = plan_training(
+        model, tokens, config.model.max_seq_length, t.activation_checkpointing,
+        device_budget_bytes(device, t.memory_budget_gib), config.finetune.method,
+        lambda modes: t.recipe == "sft" and can_graph(model, device, distributed, modes), card)  # SFT replays
     model.activation_checkpointing = modes
     kept = sum(m == "none" for m in modes)
     estimate = estimate_training_memory(model, tokens, modes, graphed=graphed)
