@@ -24,17 +24,19 @@ MEMORY_BAR, TIME_BAR = 0.15, 0.25  # issue 10's acceptance
 # was call 15's 1B run of 4 x 4096 tokens a micro-batch. Call 22 replayed CUDA graphs recorded with stale
 # MLP adapters (fixed before call 23). The host itself varies between calls: Unsloth's 1B offloaded run
 # took 24,450 tokens/s in call 16 and 35,666 in call 25, so eager 1B runs miss the host clock by as much.
-FIRST_CALL, SUPERSEDED = 7, {9, 11, 13, 22}
+FIRST_CALL, SUPERSEDED = 7, {9, 11, 13, 22, 26}
 
 
 def modes_of(checkpointing: str, layers: int) -> list[str]:
-    """gpu_anchor's label ("none", "offload", "layers", "K of N offloaded" or "K of N recomputed") -> one mode
-    per layer."""
+    """gpu_anchor's label ("none", "offload", "layers", or "J of N offloaded", "K of N recomputed", or both
+    joined by ", ") -> one mode per layer, in memory.plan_checkpointing's order: offloaded, recomputed, kept."""
     if checkpointing in ("none", "offload", "layers"):
         return [checkpointing] * layers
-    count, how = int(checkpointing.split(" of ")[0]), checkpointing.split()[-1]
-    mode = "layers" if how == "recomputed" else "offload"
-    return [mode] * count + ["none"] * (layers - count)  # memory.plan_checkpointing's order
+    modes = []
+    for part in checkpointing.split(", "):
+        count, how = int(part.split(" of ")[0]), part.split()[-1]
+        modes += ["layers" if how == "recomputed" else "offload"] * count
+    return modes + ["none"] * (layers - len(modes))
 
 
 def measured_runs(results: Path):
@@ -46,7 +48,9 @@ def measured_runs(results: Path):
         if entry.get("benchmark") != "gpu_anchor" or call is None or call < FIRST_CALL or call in SUPERSEDED:
             continue
         for row in entry["rows"]:
-            if row.get("kernels", True) and not row.get("disabled_kernels"):
+            # From call 28 lorafit runs with expandable segments (cli.py); call 27 compared the default allocator.
+            default_allocator = row.get("alloc_conf") == ""
+            if row.get("kernels", True) and not row.get("disabled_kernels") and not default_allocator:
                 yield call, entry, row
 
 
@@ -76,6 +80,8 @@ def main() -> None:
             "train": {"batch_size": micro, "grad_accum": accumulation}})
         hf = hf_config(row["model"])
         model = build_meta_model(config, hf)
+        if row.get("mlp_chunk"):  # the planner tiled the MLPs (from call 28)
+            model.tile_mlp_from(micro * seq, row["mlp_chunk"])
         modes = modes_of(row["checkpointing"], hf["num_hidden_layers"])
         # Replayed from a CUDA graph: the peak held is the graph's whole pool beside the rest (gpu_anchor.py's
         # peak_GiB), and the host's clock stops counting.
@@ -84,7 +90,9 @@ def main() -> None:
         step = micro * seq * accumulation / row["tokens_per_s"]
         memory, peak = result.memory.total / GiB, row["peak_GiB"] if graphed else row["peak_alloc_GiB"]
         out = {"device_call": call, "model": row["model"], "method": method, "micro_batch": micro, "seq_len": seq,
-               "checkpointing": row["checkpointing"] + (", CUDA graph" if graphed else ""), "peak_GiB": peak,
+               "checkpointing": row["checkpointing"] + (f", MLP {row['mlp_chunk']:,} tokens at a time"
+                                                        if row.get("mlp_chunk") else "")
+               + (", CUDA graph" if graphed else ""), "peak_GiB": peak,
                "estimate_peak_GiB": round(memory, 2), "memory_error": round(memory / peak - 1, 3),
                "step_s": round(step, 3), "estimate_step_s": round(result.step_seconds, 3),
                "time_error": round(result.step_seconds / step - 1, 3)}

@@ -8,10 +8,10 @@ model with a real Llama architecture saved by `anchor_bench.py make-model`, bf16
 dropout 0 on q,k,v,o,gate,up,down, AdamW lr 2e-4 weight decay 0.01, micro-batch 2 x 2048 random tokens
 (labels = inputs, no padding), gradient accumulation 8, the same seeded data, warm-up steps untimed. lorafit
 trains as its SFT recipe does: float32 adapter weights, bf16 autocast, and micro-batches replayed from a CUDA
-graph where the estimate's clocks say the host is the slower one (training/cuda_graphs.py; no layer offloaded
-then; `--disable-kernels cuda_graphs` turns that off). The allocator counts a graph's pool as allocated only
-while it is recorded: peak_GiB is the whole pool beside the timed steps' peak outside it (or the warm-up's
-peak when higher).
+graph where the estimate's clocks say the host is the slower one (training/cuda_graphs.py;
+`--disable-kernels cuda_graphs` turns that off). The allocator counts a graph's pool as allocated only while
+it is recorded, and what outlives the recording in it: peak_GiB is the whole pool beside the timed steps'
+peak outside it (or the warm-up's peak when higher).
 
 Model FLOPs per token = 4 N_frozen + 6 N_lora + 6 L d_attn s, as the harness counts them; MFU is against
 --peak-tflops (default: a bf16 8192^3 matmul measured here, first).
@@ -21,11 +21,16 @@ Model FLOPs per token = 4 N_frozen + 6 N_lora + 6 L d_attn s, as the harness cou
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+# As the lorafit command sets it (cli.py), and the anchor harness for Unsloth.
+if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -95,7 +100,7 @@ def main() -> None:
     # As the SFT recipe decides (training/loop.py's choose_checkpointing): replay from a CUDA graph where the
     # estimate's clocks say the host is the slower one.
     from lorafit.estimate import DEVICES, card_named, plan_training
-    from lorafit.memory import GiB, estimate_training_memory
+    from lorafit.memory import GiB, estimate_training_memory, mlp_tile_chunk
     from lorafit.training.cuda_graphs import GraphedMicroBatches, can_graph
 
     checkpointing = "auto" if args.memory_budget is not None else args.checkpointing
@@ -106,8 +111,10 @@ def main() -> None:
     if args.memory_budget is not None:
         model.activation_checkpointing = modes
         estimate = estimate_training_memory(model, tokens, modes, graphed=replay)
+        chunk = mlp_tile_chunk(model, tokens)
         print(f"plan for {args.memory_budget} GiB: {modes.count('offload')} layers offloaded, "
-              f"{modes.count('layers')} recomputed; estimated {estimate.summary()}")
+              f"{modes.count('layers')} recomputed" + (f", the MLPs {chunk:,} tokens at a time" if chunk else "")
+              + f"; estimated {estimate.summary()}")
     model.train()
 
     g = torch.Generator().manual_seed(args.seed)
@@ -143,16 +150,19 @@ def main() -> None:
               flush=True)
 
     timed_peak, pool = torch.cuda.max_memory_allocated(), graphs.pool_bytes() if graphs is not None else 0
+    in_pool = graphs.pool_bytes(allocated=True) if graphs is not None else 0  # counted in timed_peak too
+    if pool:
+        print(f"graph pool {pool / 2**30:.3f} GiB, of it {in_pool / 2**30:.3f} GiB allocated between replays; "
+              f"outside it at most {(timed_peak - in_pool) / 2**30:.3f} GiB")
     timed = times[args.warmup:]
     tokens_per_s = args.micro_batch * args.seq_len * args.grad_accum * len(timed) / sum(timed)
     mfu = model_flops_per_token(cfg, 16, args.seq_len) * tokens_per_s / (peak * 1e12)
     modes = model.activation_checkpointing
     if isinstance(modes, str):
         checkpointing = modes
-    elif "layers" in modes:
-        checkpointing = f"{modes.count('layers')} of {len(modes)} recomputed"
-    else:
-        checkpointing = f"{modes.count('offload')} of {len(modes)} offloaded"
+    else:  # "J of N offloaded", "K of N recomputed" or both (estimate_check.py reads it back)
+        counts = [(modes.count(m), word) for m, word in (("offload", "offloaded"), ("layers", "recomputed"))]
+        checkpointing = ", ".join(f"{c} of {len(modes)} {word}" for c, word in counts if c) or f"0 of {len(modes)} offloaded"
     row = {
         "system": "lorafit", "model": Path(args.model).name, "checkpointing": checkpointing,
         "memory_budget_GiB": args.memory_budget,
@@ -161,11 +171,13 @@ def main() -> None:
         "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "cuda_graph": pool > 0, "graph_pool_GiB": round(pool / 2**30, 2),
         # What the run holds at its peak: with a graph, its whole pool beside what lives outside it.
-        "peak_GiB": round(max(warm_peak, timed_peak + pool) / 2**30, 2),
+        "peak_GiB": round(max(warm_peak, timed_peak - in_pool + pool) / 2**30, 2),
         "mfu": round(mfu, 3), "peak_tflops": round(peak), "losses": [round(x, 4) for x in losses], "qlora": args.qlora,
         "load_s": round(load_s, 1),
     }
-    row.update(what_estimate_says(args, cfg, modes, graphed=pool > 0))
+    row["mlp_chunk"] = mlp_tile_chunk(model, tokens)  # the MLPs this many tokens at a time (0: untiled)
+    row["alloc_conf"] = os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+    row.update(what_estimate_says(args, cfg, modes, graphed=pool > 0, tiling=model.mlp_tiling))
     step_s = sum(timed) / len(timed)
     row["step_s"] = round(step_s, 3)
     print(f"estimate (lorafit estimate, issue 10): peak {row['estimate_peak_GiB']} GiB vs {row['peak_GiB']} "
@@ -181,7 +193,7 @@ def main() -> None:
            seq_len=args.seq_len, grad_accum=args.grad_accum, lora_r=16)
 
 
-def what_estimate_says(args, cfg: dict, modes, graphed: bool) -> dict:
+def what_estimate_says(args, cfg: dict, modes, graphed: bool, tiling) -> dict:
     """`lorafit estimate` for this run, computed as the command computes it: the model built on the meta
     device from config.json, the peak memory of lorafit/memory.py for the checkpointing used here, and the
     step time of lorafit/estimate.py at this card's table rate."""
@@ -194,6 +206,7 @@ def what_estimate_says(args, cfg: dict, modes, graphed: bool) -> dict:
         "finetune": {"method": "qlora" if args.qlora else "lora", "r": 16, "alpha": 16},
         "train": {"batch_size": args.micro_batch, "grad_accum": args.grad_accum}})
     meta = build_meta_model(config, cfg)
+    meta.mlp_tiling = tiling  # as the planner left the trained model's MLPs
     modes = [modes] * cfg["num_hidden_layers"] if isinstance(modes, str) else list(modes)
     card = card_named(torch.cuda.get_device_name())
     result = estimate(config, meta, args.micro_batch * args.seq_len, args.seq_len, modes, None, DEVICES[card],

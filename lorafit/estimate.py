@@ -154,7 +154,7 @@ def plan_training(model, tokens: int, seq_len: int, checkpointing: str, budget_b
 
     A fixed mode (or auto without a budget: none) replays where that is faster by the clocks above
     (`replay_pays`). auto: of the plans that fit the budget, the faster, eager (memory.plan_checkpointing:
-    layers offloaded) or replayed (layers recomputed, beside the graph's pool; no host clock). Replays win
+    layers offloaded) or replayed (layers recomputed or offloaded, beside the graph's pool; no host clock). Replays win
     where the host's clock is the longer: Llama-3.2-1B at 2 x 2048 tokens on the H200 trained at 80-83K
     tokens/s replayed, 41-63K eager; Llama-3.1-8B alike either way (device calls 22-24), so there the eager
     plan, which needs no recomputation, wins. device None (a card not in DEVICES): the H100's."""
@@ -162,17 +162,21 @@ def plan_training(model, tokens: int, seq_len: int, checkpointing: str, budget_b
     if checkpointing != "auto" or budget_bytes is None:
         modes = [checkpointing if checkpointing != "auto" else "none"] * n
         return modes, can_replay(modes) and replay_pays(model, tokens, seq_len, modes, method, device)
-    eager = plan_checkpointing(model, tokens, budget_bytes, on_gpu=True)
-    if not can_replay(["layers"] * n):
+    eager = plan_checkpointing(model, tokens, budget_bytes, on_gpu=True)  # may tile the MLPs
+    if not can_replay(["layers"] * n):  # the same answer for "offload"
         return eager, False
+    eager_tiling = model.mlp_tiling
     try:
-        replayed = plan_checkpointing(model, tokens, budget_bytes, on_gpu=True, graphed=True)
+        replayed = plan_checkpointing(model, tokens, budget_bytes, on_gpu=True, graphed=True)  # may tile them finer
     except ConfigError:
         return eager, False
     device = device or DEVICES["H100"]
-    faster = (micro_batch_seconds(model, tokens, seq_len, replayed, method, device, graphed=True)
-              < micro_batch_seconds(model, tokens, seq_len, eager, method, device))
-    return (replayed, True) if faster else (eager, False)
+    replayed_seconds = micro_batch_seconds(model, tokens, seq_len, replayed, method, device, graphed=True)
+    replayed_tiling, model.mlp_tiling = model.mlp_tiling, eager_tiling
+    if replayed_seconds < micro_batch_seconds(model, tokens, seq_len, eager, method, device):
+        model.mlp_tiling = replayed_tiling
+        return replayed, True
+    return eager, False
 
 
 def replay_pays(model, tokens: int, seq_len: int, modes: list[str], method: str, device: Device | None) -> bool:
@@ -195,12 +199,13 @@ def micro_batch_seconds(model, tokens: int, seq_len: int, modes: list[str], meth
     passes = sum(3 if m != "none" else 2 for m in modes) / len(modes)  # forward, backward, and a recompute
     dequantized = passes * sum(_weight_values(m) for m in model.modules() if isinstance(m, NF4Linear))
     chunk = mlp_tile_chunk(model, tokens)
-    if chunk:  # a tiled MLP runs its forward once more (nn/tiled_mlp.py), and every pass over it dequantises a
-        # 4-bit base's weights once per chunk
+    if chunk:  # a tiled MLP runs its forward once more (nn/tiled_mlp.py), but in offloaded layers, whose
+        # recomputation skips it; every pass over it dequantises a 4-bit base's weights once per chunk
         layers = [m for mlp in model.modules() if isinstance(mlp, MLP) for m in mlp.modules()]
-        flops += sum(2 * _weight_values(m) for m in layers)
+        once_more = sum(m != "offload" for m in modes) / len(modes)
+        flops += sum(2 * _weight_values(m) for m in layers) * once_more
         mlp_values = sum(_weight_values(m) for m in layers if isinstance(m, NF4Linear))
-        dequantized += ((passes + 1) * math.ceil(tokens / chunk) - passes) * mlp_values
+        dequantized += ((passes + once_more) * math.ceil(tokens / chunk) - passes) * mlp_values
     gpu = tokens * flops / (device.tflops * 1e12 * mfu)
     gpu += dequantized * DEQUANT_BYTES_PER_VALUE / (device.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
     kind = "qlora" if method == "qlora" else "lora"

@@ -90,9 +90,13 @@ class MemoryEstimate:
 
 
 # A CUDA graph (training/cuda_graphs.py) holds its whole private pool, used or not, where the eager path is
-# charged for what it has allocated: the pools of the anchor runs were 0.2-9.6% above the activations and
-# workspace (H200, device calls 23 and 24; Llama-3.2-1B QLoRA the most).
-GRAPH_POOL_SLACK = 0.10
+# charged for what it has allocated. Over the activations and workspace, the pools of the anchor runs held
+# -1% to +6% at Llama-3.2-1B's 3.8-4.0 GiB (device calls 23, 25) and 9.6% at Llama-3.1-8B's (call 24), and a
+# constant besides, which shows where they are small: with every layer offloaded, 0.67 and 0.70 GiB against
+# 0.56 (LoRA, QLoRA, expandable segments, call 27), and 40-64 MiB more outside the pool (the recording
+# stream's cuBLAS workspaces among them).
+GRAPH_POOL_SLACK = 0.05
+GRAPH_POOL_BASE_BYTES = 192 * 2**20
 
 
 def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], optimizer_states: bool = True,
@@ -121,7 +125,8 @@ def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], o
     transient = micro_batch_tokens * backward_transient_bytes_per_token(model.config, element_size, chunk > 0)
     workspace = max(recomputed + transient + WORKSPACE_BASE_BYTES, LOGITS_CHUNK_BYTES + dequantized)
     if graphed:  # micro-batches replayed from a CUDA graph: its pool holds these, and more
-        activations, workspace = (int(b * (1 + GRAPH_POOL_SLACK)) for b in (activations, workspace))
+        activations = int(activations * (1 + GRAPH_POOL_SLACK))
+        workspace = int(workspace * (1 + GRAPH_POOL_SLACK)) + GRAPH_POOL_BASE_BYTES
     return MemoryEstimate(weights, training_state, activations, workspace)
 
 
@@ -140,9 +145,10 @@ def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu
                        graphed: bool = False) -> list[str]:
     """The fewest checkpointed layers that fit the budget: the first k layers offloaded (their copies have the
     whole forward pass to finish, and their backward comes last), the others keeping their activations.
-    graphed: for micro-batches replayed from a CUDA graph (training/cuda_graphs.py), which takes recomputed
-    layers but not offloaded ones: the first k layers recomputed, beside the graph's pool; ConfigError when
-    none fit (estimate.py's `plan_training` then plans without a graph).
+    graphed: for micro-batches replayed from a CUDA graph (training/cuda_graphs.py), beside the graph's pool:
+    the fewest checkpointed layers again, and of them the fewest offloaded (first) where recomputing the rest
+    from kept inputs fits; ConfigError when none fit (estimate.py's `plan_training` then plans without a
+    graph).
     When even every layer offloaded does not fit, the MLPs tiled as well: the model's MLPs are set to run a
     chunk of tokens at a time from this length on (nn/tiled_mlp.py; for 8B at 32K tokens 1.15x the time,
     and a layer's backward 132 KB a token instead of 230). Without a GPU there is nothing to offload to and
@@ -151,11 +157,27 @@ def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu
     if not on_gpu:
         return ["none"] * n
     if graphed:
-        for k in range(n + 1):
-            modes = ["layers"] * k + ["none"] * (n - k)
-            if estimate_training_memory(model, micro_batch_tokens, modes, graphed=True).total <= budget_bytes:
-                return modes
-        raise ConfigError(f"a CUDA graph does not fit {budget_bytes / GiB:.1f} GiB even with every layer recomputed")
+        def fits(modes):
+            return estimate_training_memory(model, micro_batch_tokens, modes, graphed=True).total <= budget_bytes
+
+        for k in range(n + 1):  # checkpointed layers
+            if fits(["offload"] * k + ["none"] * (n - k)):
+                for j in range(k + 1):  # of them offloaded; fits at j = k
+                    if fits(modes := ["offload"] * j + ["layers"] * (k - j) + ["none"] * (n - k)):
+                        return modes
+        # Beside a graph's pool, the layer whose backward runs is what is left to shrink: its MLP half the
+        # tokens at a time, whose forward an offloaded layer's recomputation skips (nn/tiled_mlp.py). Llama-3.2-1B
+        # at 2 x 2048 tokens, every layer offloaded, replayed (H200, device call 28): in quarters, 2.94 GiB
+        # (estimated 3.02) at 55,280 tokens/s against 60,989 untiled (call 27) for 3.22; QLoRA 1.64 GiB
+        # (1.68) at 49,404 against 57,690 for 1.89. Halves hold 56 MiB more and run fewer, larger GEMMs.
+        before = model.mlp_tiling
+        chunk = max(micro_batch_tokens // 2, 1)
+        model.tile_mlp_from(micro_batch_tokens, chunk)
+        if not fits(["offload"] * n):
+            model.mlp_tiling = before
+            raise ConfigError(f"a CUDA graph does not fit {budget_bytes / GiB:.1f} GiB even with every layer offloaded "
+                              "and the MLPs tiled")
+        return ["offload"] * n
     for k in range(n + 1):
         modes = ["offload"] * k + ["none"] * (n - k)
         if estimate_training_memory(model, micro_batch_tokens, modes).total <= budget_bytes:
@@ -169,6 +191,14 @@ def plan_checkpointing(model, micro_batch_tokens: int, budget_bytes: int, on_gpu
         f"({least.summary()}), over the budget of {budget_bytes / GiB:.1f} GiB: lower train.batch_size or "
         f"model.max_seq_length, or train a 4-bit base (quantize: nf4)"
     )
+
+
+def describe_modes(modes: list[str]) -> str:
+    """"14 of 16 layers keep their activations, 1 offloaded, 1 recomputed"."""
+    kept = modes.count("none")
+    checkpointed = [f"{modes.count(m)} {word}" for m, word in (("offload", "offloaded"), ("layers", "recomputed"))
+                    if m in modes]
+    return f"{kept} of {len(modes)} layers keep their activations, " + (", ".join(checkpointed) or "0 recomputed")
 
 
 def device_budget_bytes(device: torch.device, budget_gib: float | None) -> int:

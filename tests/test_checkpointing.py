@@ -66,6 +66,29 @@ def test_offloaded_layers_give_the_same_loss_and_gradients_on_gpu(plan):
         torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+def test_offloaded_inputs_wait_in_buffers_kept_between_micro_batches():
+    """A CUDA graph replays the copies into the addresses it recorded: the pinned buffers outlive a
+    micro-batch, a longer input replaces a buffer too small, and two forwards in flight never share one."""
+    model = _lora_model("cuda", torch.bfloat16)
+    n, pinned = model.config.num_layers, model.pinned_buffers
+    addresses, sizes = [], []
+    model.activation_checkpointing = "offload"
+    for T in (13, 13, 7, 29):
+        ids = torch.randint(0, 101, (2, T), device="cuda")
+        model(ids, labels=ids).loss.backward()
+        addresses.append(sorted(b.data_ptr() for b in pinned.free))
+        sizes.append({b.numel() for b in pinned.free})
+        assert len(pinned.free) == n and all(b.is_pinned() for b in pinned.free)
+    assert addresses[0] == addresses[1] == addresses[2]  # 7 tokens fit the 13-token buffers
+    assert sizes[3] == {size * 29 // 13 for size in sizes[0]} and len(sizes[0]) == 1
+    ids = torch.randint(0, 101, (2, 29), device="cuda")
+    first, second = model(ids, labels=ids).loss, model(ids, labels=ids).loss  # both wait for backward
+    assert len(pinned.free) == 0
+    (first + second).backward()
+    assert len(pinned.free) == 2 * n and len({b.data_ptr() for b in pinned.free}) == 2 * n
+
+
 def test_a_plan_per_layer_gives_the_same_loss_and_gradients():
     model = _lora_model()
     loss, grads = _loss_and_grads(model, "none")

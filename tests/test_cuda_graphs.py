@@ -62,16 +62,23 @@ def _train(model, graphed: bool, shapes):
 
 
 def _checkpointed(model, modes):
+    """modes "offload, tiled": every layer offloaded and the MLPs 32 tokens at a time (from 64 on)."""
+    if modes == "offload, tiled":
+        modes = "offload"
+        model.tile_mlp_from(64, 32)
     model.activation_checkpointing = modes
     return model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quantize, modes", [(None, "none"), ("nf4", "none"), (None, ["layers", "none"])])
+@pytest.mark.parametrize("quantize, modes", [(None, "none"), ("nf4", "none"), (None, ["layers", "none"]),
+                                             (None, ["offload", "layers"]), ("nf4", "offload"),
+                                             (None, "offload, tiled")])
 def test_replayed_micro_batches_train_as_eager_ones(quantize, modes):
     # Step 1 records (its 2nd micro-batch repeats the 1st's shape) and replays; step 2 has a shape of its own
     # in the middle (eager, between replays); step 3 records a second shape. ["layers", "none"]: the first
-    # layer recomputed in backward, inside the graph.
+    # layer recomputed in backward, inside the graph; "offload": its input copied to pinned memory and back
+    # inside the graph too; tiled, the MLPs' forward skipped in the recomputation.
     shapes = [[(2, 48)] * 4, [(2, 48), (2, 48), (3, 40), (2, 48)], [(3, 40)] * 4]
     eager_losses, eager_states, _ = _train(_checkpointed(_model("cuda", quantize), modes), False, shapes)
     losses, states, graphs = _train(_checkpointed(_model("cuda", quantize), modes), True, shapes)
@@ -99,13 +106,13 @@ def test_graphs_apply_to_one_gpu_process_that_keeps_every_activation():
     cuda = torch.device("cuda")
     assert can_graph(model, cuda, distributed=False)
     assert not can_graph(model, cuda, distributed=True)
-    model.activation_checkpointing = ["none", "offload"]
-    assert not can_graph(model, cuda, distributed=False)
-    model.activation_checkpointing = ["layers", "none"]  # recomputed without dropout: nothing drawn
-    assert can_graph(model, cuda, distributed=False)
+    for modes in (["layers", "none"], ["offload", "none"]):  # recomputed without dropout: nothing drawn
+        model.activation_checkpointing = modes
+        assert can_graph(model, cuda, distributed=False)
     lora_dropout = model.model.layers[0].self_attn.q_proj.lora_dropout
     model.model.layers[0].self_attn.q_proj.lora_dropout = torch.nn.Dropout(0.1)
     assert not can_graph(model, cuda, distributed=False)
+    assert not can_graph(model, cuda, distributed=False, modes=["layers", "none"])
     assert can_graph(model, cuda, distributed=False, modes=["none", "none"])  # a replay draws as eager does
     model.model.layers[0].self_attn.q_proj.lora_dropout = lora_dropout
     model.activation_checkpointing = "none"

@@ -112,9 +112,10 @@ def test_the_time_follows_the_datas_lengths(anchor_config, smollm2_dir, tmp_path
 def test_replaying_from_a_cuda_graph_is_chosen_where_the_host_is_the_slower_clock():
     """At Unsloth's peaks in speed mode (H200, device calls 23-24): Llama-3.2-1B replays (80-83K tokens/s
     against 41-63K eager, measured) with two layers recomputed to leave room for the graph's pool;
-    Llama-3.1-8B, GPU-bound, trains eagerly and recomputes nothing. In memory mode only offloading fits."""
+    Llama-3.1-8B, GPU-bound, trains eagerly and recomputes nothing. In memory mode the 1B replays too, every
+    layer offloaded inside the graph and the MLPs tiled to leave room for the pool."""
     from lorafit.estimate import DEVICES, plan_training, replay_pays
-    from lorafit.memory import GiB
+    from lorafit.memory import GiB, mlp_tile_chunk
     from test_memory import _meta_lora_model
 
     one_b = _meta_lora_model({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -128,12 +129,18 @@ def test_replaying_from_a_cuda_graph_is_chosen_where_the_host_is_the_slower_cloc
 
     assert auto(one_b, 6.77, True) == (["layers"] * 2 + ["none"] * 14, True)
     assert auto(one_b, 6.77, False) == (["none"] * 16, False)
-    assert auto(one_b, 3.12, True) == (["offload"] * 16, False)
+    untiled = one_b.mlp_tiling
+    assert auto(one_b, 3.12, True) == (["offload"] * 16, True)  # and the MLPs tiled to fit beside the pool
+    assert mlp_tile_chunk(one_b, 4096) == 2048
+    one_b.mlp_tiling = untiled
+    assert auto(one_b, 3.12, False) == (["offload"] * 16, False)
+    assert one_b.mlp_tiling == untiled
     assert auto(eight_b, 30.81, True) == (["none"] * 32, False)
     # With the checkpointing fixed (train.activation_checkpointing: none), the same clocks decide; a fixed mode
     # stays as asked, with a budget or without one.
-    no_offload = lambda modes: "offload" not in modes  # noqa: E731  (as cuda_graphs.can_graph)
-    assert plan_training(one_b, 4096, 2048, "offload", None, "lora", no_offload, h200) == (["offload"] * 16, False)
-    assert plan_training(one_b, 4096, 2048, "none", None, "lora", no_offload, h200) == (["none"] * 16, True)
+    no_checkpointing = lambda modes: "layers" not in modes and "offload" not in modes  # noqa: E731  (with dropout)
+    assert plan_training(one_b, 4096, 2048, "offload", None, "lora", no_checkpointing, h200) == (["offload"] * 16, False)
+    assert plan_training(one_b, 4096, 2048, "offload", None, "lora", lambda _: True, h200) == (["offload"] * 16, True)
+    assert plan_training(one_b, 4096, 2048, "none", None, "lora", no_checkpointing, h200) == (["none"] * 16, True)
     assert replay_pays(one_b, 4096, 2048, ["none"] * 16, "qlora", h200)
     assert not replay_pays(eight_b, 4096, 2048, ["none"] * 32, "lora", h200)

@@ -5,7 +5,7 @@ import torch
 
 import lorafit
 from lorafit.errors import ConfigError
-from lorafit.memory import GiB, estimate_training_memory, plan_checkpointing
+from lorafit.memory import GiB, estimate_training_memory, mlp_tile_chunk, plan_checkpointing
 from lorafit.models.llama import CausalLM
 from lorafit.models.registry import model_config_from_hf
 
@@ -102,16 +102,32 @@ def test_a_budget_nothing_fits_says_what_to_change():
 
 
 def test_a_graphed_plan_recomputes_layers_beside_the_graphs_pool():
-    # A CUDA graph takes recomputed layers, not offloaded ones, and holds its whole pool: GRAPH_POOL_SLACK
-    # more than the activations and workspace it was recorded with.
-    from lorafit.memory import GRAPH_POOL_SLACK
+    # A CUDA graph holds its whole pool: GRAPH_POOL_SLACK more than the activations and workspace it was
+    # recorded with. It recomputes the fewest layers that fit, and offloads some of them only where that is
+    # not enough.
+    from lorafit.memory import GRAPH_POOL_BASE_BYTES, GRAPH_POOL_SLACK
 
     model = _meta_lora_model(LLAMA_3_1_8B)
     eager, graphed = (estimate_training_memory(model, 4096, ["none"] * 32, graphed=g) for g in (False, True))
-    assert graphed.total - eager.total == pytest.approx(GRAPH_POOL_SLACK * (eager.activations + eager.workspace), rel=1e-6)
+    slack = GRAPH_POOL_SLACK * (eager.activations + eager.workspace) + GRAPH_POOL_BASE_BYTES
+    assert graphed.total - eager.total == pytest.approx(slack, rel=1e-6)
     plan = plan_checkpointing(model, 4096, eager.total, on_gpu=True, graphed=True)
     k = plan.count("layers")
     assert 0 < k < 32 and plan == ["layers"] * k + ["none"] * (32 - k)
     assert estimate_training_memory(model, 4096, plan, graphed=True).total <= eager.total
-    with pytest.raises(ConfigError, match="CUDA graph does not fit"):  # every layer offloaded fits; graphs cannot
-        plan_checkpointing(model, 4096, estimate_training_memory(model, 4096, ["offload"] * 32).total, True, True)
+    all_recomputed = estimate_training_memory(model, 4096, ["layers"] * 32, graphed=True).total
+    plan = plan_checkpointing(model, 4096, all_recomputed - 1, on_gpu=True, graphed=True)
+    j, k = plan.count("offload"), 32 - plan.count("none")
+    assert 0 < j <= k and plan == ["offload"] * j + ["layers"] * (k - j) + ["none"] * (32 - k)
+    assert estimate_training_memory(model, 4096, plan, graphed=True).total < all_recomputed
+    # Where every layer offloaded fits eagerly but not beside a graph's pool, the MLPs go half the
+    # tokens at a time (an offloaded layer's recomputation skips their forward: nn/tiled_mlp.py).
+    offloaded = estimate_training_memory(model, 4096, ["offload"] * 32)
+    untiled = model.mlp_tiling
+    assert plan_checkpointing(model, 4096, offloaded.total, True, True) == ["offload"] * 32
+    assert mlp_tile_chunk(model, 4096) == 2048
+    assert estimate_training_memory(model, 4096, ["offload"] * 32, graphed=True).total <= offloaded.total
+    model.mlp_tiling = untiled
+    with pytest.raises(ConfigError, match="CUDA graph does not fit"):
+        plan_checkpointing(model, 4096, offloaded.weights + offloaded.training_state, True, True)
+    assert model.mlp_tiling == untiled  # a plan that fails leaves the model as it was

@@ -1,7 +1,5 @@
 """Parity: lorafit's native models give transformers' logits on the same weights (DESIGN §4)."""
 
-import json
-
 import pytest
 import torch
 

@@ -91,6 +91,26 @@ def test_the_tiled_mlp_equals_the_untiled_one_a_chunk_at_a_time():
     _assert_same(got, expected)
 
 
+def test_inside_a_recomputation_the_forward_is_skipped_and_the_grads_are_the_same():
+    """An offloaded layer's recomputation (nn/checkpointing.py) only rebuilds the autograd graph: the tiled
+    MLP computes nothing there, and its backward, which runs every chunk again, gives the same grads."""
+    from lorafit.nn.tiled_mlp import recomputation
+
+    model = _lora_model()
+    mlp = model.model.layers[0].mlp
+    x, dy = torch.randn(B, T, 72), torch.randn(B, T, 72)
+    _tile(model, 8)
+    expected = _mlp_run(mlp, mlp, x, dy)
+    rows, handles = _rows_seen(model)
+    with recomputation():
+        got = _mlp_run(mlp, mlp, x, dy)
+    for h in handles:
+        h.remove()
+    assert rows == [CHUNK] * 14 + [4]  # only backward's chunks
+    assert got[0].shape == expected[0].shape and got[0].dtype == expected[0].dtype
+    _assert_same(got[1:], expected[1:])
+
+
 def _chunk_after_chunk(mlp):
     """x (B, T, C) -> mlp(x), its chunks run in the tiled forward's order and recorded by autograd as usual."""
     def run(x):
@@ -212,8 +232,9 @@ def test_the_memory_estimate_keeps_only_the_mlp_input_from_the_threshold():
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_the_time_estimate_adds_the_recomputed_mlp_forward(method):
-    """The 8B at one 128K sequence, every layer offloaded: the MLP forward once more (2 FLOPs per weight value
-    of its projections and adapters), and with a 4-bit base each pass dequantising its weights per chunk."""
+    """The 8B at one 128K sequence, every layer recomputed: the MLP forward once more (2 FLOPs per weight value
+    of its projections and adapters), and with a 4-bit base each pass dequantising its weights per chunk.
+    Every layer offloaded: the recomputation skips the tiled MLP's forward, so only the dequantisations."""
     from lorafit import Config
     from lorafit.estimate import (DEQUANT_BANDWIDTH_SHARE, DEQUANT_BYTES_PER_VALUE, DEVICES, GPU_MFU,
                                   build_meta_model, micro_batch_seconds)
@@ -224,21 +245,25 @@ def test_the_time_estimate_adds_the_recomputed_mlp_forward(method):
           "max_position_embeddings": 131072, **LLAMA_3_1_8B}
     model = build_meta_model(Config.from_dict({"model": {"dtype": "bfloat16"},
                                                "finetune": {"method": method, "r": 16, "alpha": 16}}), hf)
-    tokens, modes, h200 = 131072, ["offload"] * 32, DEVICES["H200"]
-    _tile(model, None)
-    untiled = micro_batch_seconds(model, tokens, tokens, modes, method, h200)
-    _tile(model, MLP.tile_tokens, MLP.tile_chunk_tokens)
-    tiled = micro_batch_seconds(model, tokens, tokens, modes, method, h200)
-    layers = [m for mlp in model.modules() if isinstance(mlp, MLP) for m in mlp.modules()]
-    values = sum(m.in_features * m.out_features if isinstance(m, NF4Linear) else m.weight.numel()
-                 for m in layers if isinstance(m, (NF4Linear, torch.nn.Linear)))
-    extra = tokens * 2 * values / (h200.tflops * 1e12 * GPU_MFU["offload"])
-    if method == "qlora":
-        nf4 = sum(m.in_features * m.out_features for m in layers if isinstance(m, NF4Linear))
-        # offloaded: 3 passes (forward, recompute, backward) and the tiled recompute, each per chunk, for 3 untiled
-        dequantizations = (3 + 1) * math.ceil(tokens / MLP.tile_chunk_tokens) - 3
-        extra += dequantizations * nf4 * DEQUANT_BYTES_PER_VALUE / (h200.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
-    assert tiled - untiled == pytest.approx(extra, rel=1e-9)
+    tokens, h200 = 131072, DEVICES["H200"]
+    for mode in ("layers", "offload"):
+        modes = [mode] * 32
+        _tile(model, None)
+        untiled = micro_batch_seconds(model, tokens, tokens, modes, method, h200)
+        _tile(model, MLP.tile_tokens, MLP.tile_chunk_tokens)
+        tiled = micro_batch_seconds(model, tokens, tokens, modes, method, h200)
+        layers = [m for mlp in model.modules() if isinstance(mlp, MLP) for m in mlp.modules()]
+        values = sum(m.in_features * m.out_features if isinstance(m, NF4Linear) else m.weight.numel()
+                     for m in layers if isinstance(m, (NF4Linear, torch.nn.Linear)))
+        once_more = mode == "layers"
+        extra = once_more * tokens * 2 * values / (h200.tflops * 1e12 * GPU_MFU[mode])
+        if method == "qlora":
+            nf4 = sum(m.in_features * m.out_features for m in layers if isinstance(m, NF4Linear))
+            # 3 passes (forward, recompute, backward) and, recomputed, the tiled recompute, each per chunk,
+            # for 3 untiled
+            dequantizations = (3 + once_more) * math.ceil(tokens / MLP.tile_chunk_tokens) - 3
+            extra += dequantizations * nf4 * DEQUANT_BYTES_PER_VALUE / (h200.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
+        assert tiled - untiled == pytest.approx(extra, rel=1e-9, abs=1e-12)
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------------

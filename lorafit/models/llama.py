@@ -21,7 +21,7 @@ from ..kernels.rms_norm import add_rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
 from ..nn.attention import attention, can_run_varlen, varlen_attention
-from ..nn.checkpointing import OffloadChain, run_layer
+from ..nn.checkpointing import OffloadChain, PinnedBuffers, run_layer
 from ..nn.linear import Linear
 from ..nn.norm import RMSNorm
 from ..nn.rope import RotaryEmbedding, apply_rope
@@ -225,6 +225,7 @@ class CausalLM(nn.Module):
         self.lora_config = None  # set by apply_lora
         # What layers keep for backward: one of nn/checkpointing.py's MODES, or a list of them, one per layer.
         self.activation_checkpointing: str | list[str] = "none"
+        self.pinned_buffers = PinnedBuffers()  # where offloaded layer inputs wait, kept between micro-batches
 
     # What disable_kernels names. cuda_graphs: training micro-batches of one shape replayed from a CUDA graph
     # (training/cuda_graphs.py); the model only carries the switch.
@@ -240,12 +241,24 @@ class CausalLM(nn.Module):
     def kernels(self, enabled: bool) -> None:
         self.disable_kernels(() if enabled else self.KERNELS)
 
-    def tile_mlp_from(self, tokens: int) -> None:
-        """Every MLP runs a chunk of tokens at a time from passes of `tokens` on (nn/tiled_mlp.py): what the
-        memory planner chooses when every layer offloaded does not fit (lorafit/memory.py)."""
+    def tile_mlp_from(self, tokens: int, chunk_tokens: int | None = None) -> None:
+        """Every MLP runs a chunk of tokens at a time (chunk_tokens, or as it was) from passes of `tokens` on
+        (nn/tiled_mlp.py): what the memory planner chooses when every layer offloaded does not fit
+        (lorafit/memory.py)."""
         for m in self.modules():
             if isinstance(m, MLP):
                 m.tile_tokens = tokens if m.tile_tokens is None else min(m.tile_tokens, tokens)
+                m.tile_chunk_tokens = chunk_tokens or m.tile_chunk_tokens
+
+    @property
+    def mlp_tiling(self) -> list[tuple[int | None, int]]:
+        """Each MLP's (tile_tokens, tile_chunk_tokens): what a planner that tried tiling puts back."""
+        return [(m.tile_tokens, m.tile_chunk_tokens) for m in self.modules() if isinstance(m, MLP)]
+
+    @mlp_tiling.setter
+    def mlp_tiling(self, tiling: list[tuple[int | None, int]]) -> None:
+        for m, (tokens, chunk) in zip((m for m in self.modules() if isinstance(m, MLP)), tiling, strict=True):
+            m.tile_tokens, m.tile_chunk_tokens = tokens, chunk
 
     def disable_kernels(self, names) -> None:
         """Switches the named kernels (of KERNELS) off and all others on."""
@@ -309,7 +322,7 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, 1, T, D)
         modes = self.activation_checkpointing
         modes = [modes] * len(self.model.layers) if isinstance(modes, str) else modes
-        chain = OffloadChain() if "offload" in modes else None
+        chain = OffloadChain(self.pinned_buffers) if "offload" in modes else None
         for i, layer in enumerate(self.model.layers):
             if cache is None:
                 x = run_layer(layer, modes[i], x, cos, sin, mask, chain=chain)

@@ -16,11 +16,33 @@ recomputation), and one dequantisation of a 4-bit base weight per chunk instead 
 The recomputation is the forward's computation: each chunk replays the random state it first drew from
 (LoRA dropout) and the autocast state of the forward, as an offloaded layer's recomputation does
 (nn/checkpointing.py); the caller's random state is left as it was.
+
+Inside an offloaded layer's recomputation (`recomputation()`) the forward computes nothing: that pass only
+rebuilds the layer's autograd graph, nothing reads the MLP's output there (the last operation of a decoder
+layer, added into the residual), and this backward runs every chunk's forward again anyway. The tiled MLP
+then costs no more FLOPs than the untiled one in an offloaded layer.
 """
 
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
+
+_state = threading.local()  # the autograd engine recomputes layers on its own threads, one per device
+
+
+@contextmanager
+def recomputation():
+    """Marks a forward that only rebuilds the autograd graph for an immediate backward, whose output values
+    are never read and which draws no random numbers (nn/checkpointing.py's offloaded layers without
+    dropout): tiled MLPs skip their forward inside it."""
+    before = getattr(_state, "recomputing", False)
+    _state.recomputing = True
+    try:
+        yield
+    finally:
+        _state.recomputing = before
 
 
 def tiled_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor],
@@ -66,9 +88,14 @@ class _TiledMLP(torch.autograd.Function):
         # The recomputation must be the same computation: same dropout draws, same autocast.
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.rng_states = []  # one per chunk: the CPU's 5 KB state and a GPU's 16 bytes, ~16 chunks a layer
-        y = _chunked_forward(forward, x, chunk_tokens, ctx.rng_states)  # runs without recording (a Function)
         ctx.save_for_backward(x)
-        return y
+        if getattr(_state, "recomputing", False):  # values never read (module docstring); nothing is drawn
+            # (recomputation() is entered only for layers without dropout), so every chunk has the same state
+            state = _rng_state(x.device)
+            ctx.rng_states = [state for _ in _chunk_starts(x.numel() // x.shape[-1], chunk_tokens)]
+            enabled, dtype = ctx.autocast
+            return x.new_empty(x.shape, dtype=dtype if enabled else x.dtype)  # an MLP's C_out is its C
+        return _chunked_forward(forward, x, chunk_tokens, ctx.rng_states)  # runs without recording (a Function)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -93,7 +120,7 @@ class _TiledMLP(torch.autograd.Function):
             if not y.requires_grad:  # nothing wanted reaches this chunk's output
                 continue
             inputs = ([chunk] if need_x else []) + wanted
-            grads = list(torch.autograd.grad(y, inputs, dy[start:start + n], allow_unused=True))
+            grads = list(torch.autograd.grad(y, inputs, dy[start:start + n].to(y.dtype), allow_unused=True))
             if need_x:
                 g = grads.pop(0)
                 if g is not None:

@@ -11,8 +11,9 @@ What must hold for a replay to be the same computation:
   micro-batches, is kept; a new shape runs eagerly until it repeats (MAX_CAPTURES bounds the re-recordings);
 - nothing decided on the CPU from the data: no packed documents (varlen attention takes the longest
   document as a CPU integer) and no padding mask (a right-padded batch runs without one: recipes/sft.py's `batch_inputs`);
-- no layer offloaded (its copies go to pinned buffers made per call), and recomputed layers ("layers")
-  only without dropout (a recomputation's RNG state is saved on the CPU);
+- checkpointed layers ("layers", "offload") only without dropout: a recomputation's RNG state is read on
+  the CPU, which a recording cannot do (nn/checkpointing.py records none while capturing); offloaded inputs
+  wait in the model's pinned buffers, which outlive the micro-batch;
 - weights derived from the adapters (compute-dtype copies, stacked q/k/v adapters) are made inside the
   graph, on every replay: `keep_compute_adapters` goes False, as under FSDP2;
 - gradients accumulate into the same tensors: the graph adds into the `.grad` buffers that existed when it
@@ -38,9 +39,10 @@ def can_graph(model, device: torch.device, distributed: bool, modes=None) -> boo
     checkpointing, or under `modes` (one per layer) when given."""
     modes = model.activation_checkpointing if modes is None else modes
     modes = [modes] if isinstance(modes, str) else modes
-    if device.type != "cuda" or distributed or not getattr(model, "cuda_graphs", False) or "offload" in modes:
+    if device.type != "cuda" or distributed or not getattr(model, "cuda_graphs", False):
         return False
-    return "layers" not in modes or not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    checkpointed = any(m != "none" for m in modes)
+    return not checkpointed or not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 class GraphedMicroBatches:
@@ -120,12 +122,15 @@ class GraphedMicroBatches:
         """The input_ids shape the graph replays, None without a graph."""
         return None if self.graph is None else tuple(self.static_inputs["input_ids"].shape)
 
-    def pool_bytes(self) -> int:
-        """GPU memory the recorded graph holds (its pool's segments, used or not): 0 without one."""
+    def pool_bytes(self, allocated: bool = False) -> int:
+        """GPU memory the recorded graph holds (its pool's segments, used or not): 0 without one.
+        allocated: only what is allocated in it now, between replays (tensors made while recording that
+        outlive it, such as the loss or cuBLAS's workspace for the recording's stream), which the
+        allocator's counters count as allocated beside the rest."""
         if self.graph is None:
             return 0
-        pool = self.graph.pool()
-        return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) == pool)
+        pool, key = self.graph.pool(), "allocated_size" if allocated else "total_size"
+        return sum(s[key] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) == pool)
 
     def _own_gradients(self) -> None:
         """Makes every .grad the graph's buffer again, with the value it should have: zero after the

@@ -15,7 +15,7 @@ import torch
 from ..adapter_io import adapter_tensors, save_adapter
 from ..errors import LorafitError
 from ..finetune import prepare_for_finetuning
-from ..memory import GiB, device_budget_bytes, estimate_training_memory, mlp_tile_chunk
+from ..memory import GiB, describe_modes, device_budget_bytes, estimate_training_memory, mlp_tile_chunk
 from ..models.loading import load_model
 from .batch_size import choose_micro_batch, fits_one_step
 from .checkpoint import load_checkpoint, require_latest
@@ -128,14 +128,12 @@ def choose_checkpointing(config, model, device: torch.device, distributed: bool 
         device_budget_bytes(device, t.memory_budget_gib), config.finetune.method,
         lambda modes: t.recipe == "sft" and can_graph(model, device, distributed, modes), card)  # SFT replays
     model.activation_checkpointing = modes
-    kept = sum(m == "none" for m in modes)
     estimate = estimate_training_memory(model, tokens, modes, graphed=graphed)
     budget = "" if t.memory_budget_gib is None else f" of a {t.memory_budget_gib:g} GiB budget"
     chunk = mlp_tile_chunk(model, tokens)
     tiled = f", the MLPs {chunk:,} tokens at a time" if chunk else ""
     graph = ", micro-batches of one shape replayed from a CUDA graph" if graphed else ""
-    return (f"memory plan: {kept} of {n_layers} layers keep their activations, {n_layers - kept} "
-            f"{'offloaded' if 'offload' in modes else 'recomputed'}{tiled}{graph}; "
+    return (f"memory plan: {describe_modes(modes)}{tiled}{graph}; "
             f"estimated peak {estimate.total / GiB:.1f} GiB{budget} ({estimate.summary()})"), graphed
 
 
