@@ -196,6 +196,9 @@ def cmd_estimate(args) -> int:
     config = Config.from_yaml(args.config, args.overrides)
     model = build_meta_model(config, _model_hf_config(config.model.source))
     card, device, budget = _estimate_device(args, DEVICES)
+    if config.train.memory_budget_gib is not None and args.memory is None:  # what training plans for on any card
+        budget = int(config.train.memory_budget_gib * GiB)  # (memory.device_budget_bytes)
+        card = (card if device is not None else "memory only") + " within train.memory_budget_gib"
     micro, batch_choice = None, ""
     if config.train.batch_size == "auto":
         micro, batch_choice = 1, "micro-batch auto: shown at 1; name a card (--gpu or --memory) to see what it picks"

@@ -43,6 +43,17 @@ def test_on_an_h200_nothing_is_offloaded_and_the_time_is_given(anchor_config, ca
     assert "about 1.92 s per optimizer step" in out and "100 steps" in out  # 1.99 s measured (16,454 tok/s)
 
 
+def test_a_memory_budget_in_the_config_is_what_the_card_offers(anchor_config, capsys):
+    # As training plans (memory.device_budget_bytes): train.memory_budget_gib, not the card's memory; --memory
+    # still says what is available when given.
+    assert main(["estimate", str(anchor_config), "train.memory_budget_gib=16.71", "--gpu", "H200"]) == 0
+    out = capsys.readouterr().out
+    assert "card:   H200 within train.memory_budget_gib, 16.7 GiB usable" in out
+    assert "0 of 32 layers keep their activations, 32 offloaded" in out and "about " in out
+    assert main(["estimate", str(anchor_config), "train.memory_budget_gib=16.71", "--memory", "40"]) == 0
+    assert "32 of 32 layers keep their activations" in capsys.readouterr().out
+
+
 def test_what_does_not_fit_says_what_to_change(anchor_config, capsys):
     assert main(["estimate", str(anchor_config), "train.activation_checkpointing=none", "--memory", "20"]) == 0
     out = capsys.readouterr().out
