@@ -17,8 +17,8 @@ from ..data import load_sft_dataset
 from ..data.packing import split_micro_batches
 from ..errors import LorafitError
 from ..lora import count_parameters
-from ..training.checkpoint import save_checkpoint
 from ..models.llama import PackedDocuments, is_right_padded
+from ..training.checkpoint import save_checkpoint
 from ..training.cuda_graphs import GraphedMicroBatches
 from ..training.distributed import SINGLE, Distributed, gradient_sync
 from ..training.loop import (OptimizerStep, TrainResult, finish_run, load_trainee, open_run, progress_bar,
