@@ -16,7 +16,8 @@ def main(argv=None) -> int:
     # Before CUDA starts: GPU memory grows in place instead of in separate blocks, so a CUDA graph's pool holds
     # less beside what it uses (Llama-3.2-1B, every layer offloaded: 0.67 GiB against 0.86, device call 27).
     # Unsloth sets the same. Whoever set the allocator's options keeps them. torch is imported by now (lorafit's
-    # package imports it): that the allocator reads this at CUDA's start, not at import, is unchecked on a GPU.
+    # package imports it); the allocator reads this when CUDA starts (H200, device call 32: the first segment
+    # was expandable).
     if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
     parser = argparse.ArgumentParser(prog="lorafit", description="Fine-tune open LLMs with LoRA and friends.")

@@ -107,6 +107,28 @@ def test_changed_adapters_reach_the_fused_weights():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
+def test_a_4bit_base_equals_the_composed_layers_and_keeps_no_dense_copy():
+    """QLoRA: gate and up dequantised into a new M at every forward and backward (down likewise), nothing
+    dense kept between calls; equal to the composed LoRA layers over the same NF4 bases."""
+    from lorafit.nn.nf4 import NF4Linear
+
+    mlp = _lora_mlp_module(torch.float32)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        layer = getattr(mlp, name)
+        layer.base_layer = NF4Linear.from_linear(layer.base_layer, torch.float32)
+    x, dy = torch.randn(2, 13, 72), torch.randn(2, 13, 72)
+    expected = _run(_composed(mlp), mlp, x, dy)
+    assert can_fuse(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
+    weights = GateUpWeights(mlp.gate_proj, mlp.up_proj)
+    assert weights.quantized and weights.M is None and weights.holds(mlp.gate_proj, mlp.up_proj)
+    got = _run(_fused(mlp, weights), mlp, x, dy)
+    assert weights.M is None
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    mlp.up_proj.base_layer = NF4Linear.from_linear(torch.nn.Linear(72, 200, bias=False), torch.float32)  # reload
+    assert not weights.holds(mlp.gate_proj, mlp.up_proj)
+
+
 def test_what_the_fused_path_does_not_take():
     x = torch.randn(1, 3, 72)
     mlp = _lora_mlp_module(torch.float32)
@@ -139,8 +161,15 @@ def test_swiglu_backward_into_a_packed_buffer_triton(dtype):
 
 
 @pytest.mark.gpu
-def test_the_model_takes_the_fused_mlp_on_cuda_and_equals_the_plain_path():
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_the_model_takes_the_fused_mlp_on_cuda_and_equals_the_plain_path(base):
     mlp = _lora_mlp_module(torch.bfloat16).cuda()
+    if base == "nf4":
+        from lorafit.nn.nf4 import NF4Linear
+
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = getattr(mlp, name)
+            layer.base_layer = NF4Linear.from_linear(layer.base_layer, torch.bfloat16)
     x, dy = torch.randn(2, 64, 72, device="cuda").bfloat16(), torch.randn(2, 64, 72, device="cuda").bfloat16()
     mlp.fused = mlp.fused_lora = True
     got = _run(lambda t: mlp(t), mlp, x, dy)

@@ -201,9 +201,14 @@ def test_a_qlora_mlp_stacks_gate_and_up_and_passes_them_packed_to_down():
 
 
 @pytest.mark.gpu
-def test_the_qlora_mlp_takes_the_stacked_gate_up_on_cuda_and_equals_the_plain_path():
+@pytest.mark.parametrize("path", ["lora_mlp", "stacked"])
+def test_the_qlora_mlp_takes_the_fused_paths_on_cuda_and_equal_the_plain_path(path):
+    """The QLoRA MLP runs as one function (kernels/lora_mlp.py); with a down projection that function does not
+    take (here: a dropout module, even of p = 0), gate and up still run as one stacked projection."""
     mlp = _qlora_mlp(torch.bfloat16).cuda()
     mlp.train()
+    if path == "stacked":
+        mlp.down_proj.lora_dropout = torch.nn.Dropout(0.0)
     params = [p for p in mlp.parameters() if p.requires_grad]
     x, dy = torch.randn(2, 64, 72, device="cuda").bfloat16(), torch.randn(2, 64, 72, device="cuda").bfloat16()
 
@@ -213,7 +218,10 @@ def test_the_qlora_mlp_takes_the_stacked_gate_up_on_cuda_and_equals_the_plain_pa
         return [y.detach().float()] + [g.float() for g in torch.autograd.grad(y, [xi] + params, dy)]
 
     got = run()
-    assert mlp.gate_up_stack is not None  # the stacked path ran
+    if path == "stacked":
+        assert mlp.gate_up_stack is not None and mlp.gate_up_weights is None
+    else:
+        assert mlp.gate_up_weights is not None and mlp.gate_up_weights.quantized and mlp.gate_up_stack is None
     mlp.fused_lora = False
     for i, (g, e) in enumerate(zip(got, run())):
         assert (g - e).norm() <= 0.02 * e.norm() + 1e-6, i

@@ -86,6 +86,22 @@ def test_kernel_equals_the_reference_bit_for_bit(shape, double_quant, dtype):
     assert_bit_equal(got, expected)
 
 
+@pytest.mark.parametrize("shape", [(37, 129), (129, 257), (70, 64)], ids=str)
+def test_kernel_writes_into_a_block_of_a_wider_matrix(shape):
+    """launch_dequantize into rows further apart (kernels/lora_mlp.py dequantises gate and up into its M):
+    the block holds the reference's values bit for bit, whether a program's values span rows or not, and
+    nothing else changes."""
+    from lorafit.kernels.nf4_dequantize import launch_dequantize
+
+    state = nf4_state(shape, True, device=SMALL_DEVICE, seed=3)
+    wide = torch.full((shape[0] + 5, shape[1] + 11), 7.0, dtype=torch.float16, device=SMALL_DEVICE)
+    launch_dequantize(*state, shape, torch.float16, out=wide[2:2 + shape[0], 3:3 + shape[1]])
+    assert_bit_equal(wide[2:2 + shape[0], 3:3 + shape[1]], reference(*state, shape, torch.float16))
+    untouched = torch.ones_like(wide, dtype=torch.bool)
+    untouched[2:2 + shape[0], 3:3 + shape[1]] = False
+    assert (wide[untouched] == 7.0).all()
+
+
 def test_empty_weight():
     empty = (torch.empty(0, dtype=torch.uint8), torch.empty(0), NF4_CODE, None, None, None)
     assert dequantize_nf4_triton(*empty, (0, 5), torch.bfloat16).shape == (0, 5)
@@ -118,9 +134,10 @@ import re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lorafit.kernels.nf4_dequantize import _BLOCKS_PER_PROGRAM, _LAUNCH_OPTIONS, _dequantize_kernel as kernel
-pointers_and_sizes = ["*u8", "*u8", "*fp32", "*fp32", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32"]
-signature = dict(zip(kernel.arg_names, pointers_and_sizes + ["constexpr"] * 4))
-constants = {"NESTED": True, "BLOCKS": _BLOCKS_PER_PROGRAM, "BLOCK_SIZE": 64, "NESTED_BLOCK_SIZE": 256}
+pointers_and_sizes = ["*u8", "*u8", "*fp32", "*fp32", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32", "i32"]
+signature = dict(zip(kernel.arg_names, pointers_and_sizes + ["constexpr"] * 5))
+constants = {"NESTED": True, "BLOCKS": _BLOCKS_PER_PROGRAM, "BLOCK_SIZE": 64, "NESTED_BLOCK_SIZE": 256,
+             "ROW_STRIDED": True}
 aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers_and_sizes))}
 for name, options in (("launched", _LAUNCH_OPTIONS), ("fused", _LAUNCH_OPTIONS | {"enable_fp_fusion": True})):
     compiled = triton.compile(ASTSource(kernel, signature, constants, aligned), target=GPUTarget("cuda", 90, 32),

@@ -18,6 +18,7 @@ cuBLAS/MKL's, which no hand-written kernel beats at these shapes.
 
 import torch
 
+from . import swiglu_lora
 from .swiglu import swiglu_grads, swiglu_grads_packed, swiglu_values
 
 
@@ -91,8 +92,10 @@ class _SwiGLULoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         gate, up, a_w, b_w, down, *saved = ctx.saved_tensors
+        weight = _dense(ctx.quantized or saved[0], gate.dtype)
+        if swiglu_lora.applies(gate, a_w.shape[0]):  # one kernel from grad h to grad gate and up
+            return _SwiGLULoRALinear._fused_backward(ctx, grad_y, gate, up, weight, a_w, b_w, down)
         h = swiglu_values(*split_gate_up(gate, up))
-        weight = _dense(ctx.quantized or saved[0], h.dtype)
         grad_h, grad_a, grad_b = _lora_backward(grad_y.reshape(-1, grad_y.shape[-1]), h.reshape(-1, h.shape[-1]),
                                                 weight, a_w, b_w, down, ctx.scaling, True, ctx.param_dtypes)
         del h, weight
@@ -102,6 +105,19 @@ class _SwiGLULoRALinear(torch.autograd.Function):
             swiglu_grads_packed(grad_h, gate_up, grad_gate_up)
             return grad_gate_up.view(gate.shape), None, None, None, grad_a, grad_b, None, None, None
         grad_gate, grad_up = swiglu_grads(grad_h.view(gate.shape), gate, up)
+        return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None
+
+    @staticmethod
+    def _fused_backward(ctx, grad_y, gate, up, weight, a_w, b_w, down):
+        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (N, I) views, unit column stride
+        grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)  # packed: [dgate | dup]
+        grad_up = None if up is None else torch.empty_like(grad_gate)
+        g, u = split_gate_up(rows(gate), None if up is None else rows(up))
+        dg, du = split_gate_up(rows(grad_gate), None if up is None else rows(grad_up))
+        grad_a, grad_b, _ = swiglu_lora.down_and_swiglu_backward(rows(grad_y), weight, a_w, b_w, down, ctx.scaling,
+                                                                 g, u, dg, du)
+        del weight
+        grad_a, grad_b = grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1])
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None
 
 

@@ -12,8 +12,8 @@ launched for 41 ms of GPU work on an H200, and each fused LoRA function call cos
 
 A dense base: W is one buffer and the model's weights become views into it (names, values and state_dict
 unchanged, no memory added), as kernels/lora_mlp.py does for gate and up. An NF4 base (QLoRA): the layers are
-dequantised into one (O, C) buffer in forward and again in backward, never kept; the QLoRA MLP stacks its
-gate and up this way (kernels/lora_mlp.py's one-function MLP needs a dense base).
+dequantised into one (O, C) buffer in forward and again in backward, never kept (kernels/lora_mlp.py does
+the same for gate and up).
 The math is kernels/lora_linear.py's with B block-diagonal; grad B keeps only its diagonal blocks.
 """
 

@@ -48,8 +48,9 @@ if triton is not None:
     @triton.jit
     def _dequantize_kernel(
         packed_ptr, absmax_ptr, code_ptr, nested_scales_ptr, nested_code_ptr, nested_offset_ptr, out_ptr,
-        n_values, n_bytes, n_blocks,
+        n_values, n_bytes, n_blocks, n_cols, row_stride,
         NESTED: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NESTED_BLOCK_SIZE: tl.constexpr,
+        ROW_STRIDED: tl.constexpr,
     ):
         BYTES: tl.constexpr = BLOCK_SIZE // 2  # code bytes per NF4 block
         # The program's first block, as a 64-bit scalar folded into the pointers (a weight may pass 2**31
@@ -89,8 +90,16 @@ if triton is not None:
         # Triton passes the values through shared memory (2 KB a program, in rounds) so that each warp's
         # store writes 16-byte vectors side by side.
         value_offsets = tl.arange(0, BLOCKS * BLOCK_SIZE)
-        tl.store(out_ptr + first_block * BLOCK_SIZE + value_offsets, values.to(out_ptr.dtype.element_ty),
-                 mask=value_offsets < n_values - first_block * BLOCK_SIZE)
+        first_value = first_block * BLOCK_SIZE
+        if ROW_STRIDED:  # out's rows of n_cols values lie row_stride apart (a block of a wider matrix)
+            first_row = first_value // n_cols
+            local = (first_value - first_row * n_cols).to(tl.int32) + value_offsets  # from first_row's start
+            rows = local // n_cols  # a program's values may span rows when n_cols < BLOCKS * BLOCK_SIZE
+            out_offsets = (first_row + rows) * row_stride + (local - rows * n_cols)
+        else:
+            out_offsets = first_value + value_offsets
+        tl.store(out_ptr + out_offsets, values.to(out_ptr.dtype.element_ty),
+                 mask=value_offsets < n_values - first_value)
 
 
 def _check(packed, absmax, code, nested_scales, nested_code, nested_offset, n_values: int, dtype) -> None:
@@ -141,12 +150,14 @@ def launch_dequantize(packed, absmax, code, nested_scales, nested_code, nested_o
                       dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel launch alone, for a state already checked and contiguous (an NF4Linear's own, which
     nn/nf4.py dequantises 21 times per decoder layer and micro-batch when activations are offloaded).
-    out: a contiguous tensor of `shape` and `dtype` to write into (a block of rows of a stacked weight)."""
+    out: a tensor of `shape` and `dtype` to write into, contiguous (a block of rows of a stacked weight) or,
+    for a 2-D shape, with rows further apart (a block of a wider matrix: kernels/lora_mlp.py's M)."""
     n_values = math.prod(shape)
     if out is None:
         out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    elif out.shape != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"nf4 dequantize: out must be contiguous {dtype} of shape {tuple(shape)}")
+    elif out.shape != tuple(shape) or out.dtype != dtype or not (
+            out.is_contiguous() or (out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= out.shape[1])):
+        raise ValueError(f"nf4 dequantize: out must be {dtype} of shape {tuple(shape)}, its rows contiguous")
     if n_values == 0:
         return out
     nested = nested_scales is not None
@@ -154,8 +165,9 @@ def launch_dequantize(packed, absmax, code, nested_scales, nested_code, nested_o
     extra = (nested_scales, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
     n_blocks = absmax.numel()
     _dequantize_kernel[(triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)](
-        packed, absmax, code, *extra, out, n_values, packed.numel(), n_blocks,
+        packed, absmax, code, *extra, out, n_values, packed.numel(), n_blocks, out.shape[-1], out.stride(0),
         NESTED=nested, BLOCKS=_BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK_SIZE, NESTED_BLOCK_SIZE=NESTED_BLOCK_SIZE,
+        ROW_STRIDED=not out.is_contiguous(),
         **_LAUNCH_OPTIONS,
     )
     return out

@@ -106,8 +106,8 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     fused = True  # the Triton SwiGLU kernel on CUDA: keeps gate and up for backward, not silu(gate) too
-    # LoRA training on CUDA: the three projections as one function (kernels/lora_mlp.py); over a 4-bit base,
-    # gate and up as one (kernels/lora_stacked.py)
+    # LoRA training on CUDA: the three projections as one function (kernels/lora_mlp.py), or where it does not
+    # apply (down unlike gate and up), gate and up as one (kernels/lora_stacked.py)
     fused_lora = True
     # From this many tokens in a pass (B * T) the MLP runs tile_chunk_tokens of them at a time (nn/tiled_mlp.py):
     # gate and up (57 KB a token at Llama-3.1-8B in bf16), their grads and silu(gate) * up then exist for one
@@ -153,8 +153,8 @@ class MLP(nn.Module):
             swiglu_lora = hasattr(self.down_proj, "forward_swiglu")  # a LoRA layer: recomputes its input in backward
             layers = (self.gate_proj, self.up_proj)
             if self.fused_lora and self.training and swiglu_lora and can_stack(layers, x):
-                # A 4-bit base (QLoRA), which lora_mlp cannot take: gate and up as one stacked projection, its
-                # [gate | up] output packed into down's SwiGLU (kernels/lora_stacked.py).
+                # Gate and up as one stacked projection, its [gate | up] output packed into down's SwiGLU
+                # (kernels/lora_stacked.py).
                 if self.gate_up_stack is None or not self.gate_up_stack.holds(layers):
                     self.gate_up_stack = StackedWeights(layers)
                 return self.down_proj.forward_swiglu(lora_stacked(x, self.gate_up_stack, layers), None)

@@ -55,7 +55,7 @@ def save_model(model, tokenizer, directory, max_shard_bytes: int = MAX_SHARD_BYT
 
 def _alone(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor in memory of its own: safetensors refuses tensors that share it, and training makes views
-    into stacked buffers (q, k and v in one weight: kernels/lora_qkv.py; gate and up: kernels/lora_mlp.py)."""
+    into stacked buffers (q, k and v in one weight: kernels/lora_stacked.py; gate and up: kernels/lora_mlp.py)."""
     whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return tensor.contiguous() if whole else tensor.clone(memory_format=torch.contiguous_format)
 

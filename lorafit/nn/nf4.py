@@ -327,8 +327,9 @@ class NF4Linear(nn.Module):
         return _dense(self._state(), (self.out_features, self.in_features), dtype or self.compute_dtype)
 
     def dequantize_into(self, out: torch.Tensor) -> None:
-        """The dense weight written into `out`, a contiguous (out_features, in_features) tensor: a block of rows
-        of a weight stacked from several layers (kernels/lora_qkv.py), without a copy on CUDA."""
+        """The dense weight written into `out`, an (out_features, in_features) tensor with contiguous rows: a
+        block of rows of a weight stacked from several layers (kernels/lora_stacked.py), or of a wider matrix
+        (kernels/lora_mlp.py), without a copy on CUDA."""
         _dense(self._state(), (self.out_features, self.in_features), out.dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,7 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Distributed,
         fully_shard(model, mp_policy=cast, ignored_params=kept_whole or None)
         # FSDP2 gathers the weights afresh into the same tensors before every forward, unseen by what keeps
         # weights between forwards: the LoRA layers' compute-dtype adapter copies (keyed on tensor versions)
-        # and the stacked weights of the fused LoRA MLP and q, k, v (kernels/lora_mlp.py, lora_qkv.py).
+        # and the stacked weights of the fused LoRA MLP and q, k, v (kernels/lora_mlp.py, lora_stacked.py).
         for m in model.modules():
             if hasattr(m, "keep_compute_adapters"):
                 m.keep_compute_adapters = False

@@ -1,0 +1,123 @@
+"""The LoRA MLP's fused backward from grad h to grad [gate | up] (kernels/swiglu_lora.py) against its float32
+specification, and the LoRA functions that take it against their composed paths.
+
+Without a GPU the kernel runs in Triton's interpreter in float16: the interpreter's tl.dot gives garbage for
+bfloat16 operands (Triton 3.9, checked on a 16 x 16 product), while the kernel's code is the same for both
+16-bit types; bfloat16 runs on the GPU (@pytest.mark.gpu)."""
+
+import pytest
+import torch
+
+from lorafit.kernels import lora_mlp, swiglu_lora
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _relative_error(got, expected) -> float:
+    return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N, I, r, with_b", [(37, 70, 4, True), (100, 130, 16, False), (300, 64, 20, True),
+                                              (1, 65, 1, True)])
+def test_kernel_equals_the_specification(dtype, N, I, r, with_b):
+    """Odd row and column counts, ranks padded to 16 or 32, inputs and outputs as views into wider buffers
+    (gate and up are halves of a packed projection output, the grads land in a wider buffer, as lora_mlp
+    lays them out), whose other columns stay untouched."""
+    torch.manual_seed(0)
+    kw = dict(dtype=dtype, device=DEVICE)
+    gate_up = torch.randn(N, 2 * I + 3, **kw)
+    gate, up = gate_up[:, :I], gate_up[:, I:2 * I]
+    grad_h, dy_b, a = torch.randn(N, I, **kw), torch.randn(N, r, **kw), torch.randn(r, I, **kw) * 0.1
+    low = torch.randn(N, 2 * r + 5, **kw)
+    down_gate, down_up = (low[:, :r], low[:, r:2 * r]) if with_b else (None, None)
+    out = torch.full((N, 2 * I + 1), 7.0, **kw)
+    grad_a, grad_b = swiglu_lora.swiglu_lora_backward(grad_h, dy_b, a, gate, up, out[:, :I], out[:, I:2 * I],
+                                                      down_gate, down_up)
+    grad_gate, grad_up, grad_a_ref, grad_b_ref = swiglu_lora.reference_backward(grad_h, dy_b, a, gate, up,
+                                                                                down_gate, down_up)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
+    assert _relative_error(out[:, :I], grad_gate) <= ulp
+    assert _relative_error(out[:, I:2 * I], grad_up) <= ulp
+    assert (out[:, 2 * I:] == 7.0).all()
+    # h enters the small product rounded to the 16-bit type (as the composed path's stored h does)
+    assert _relative_error(grad_a, grad_a_ref) <= 2 * ulp
+    assert grad_a.dtype == torch.float32 and grad_a.shape == (r, I)
+    if with_b:
+        for got, expected in zip(grad_b, grad_b_ref):
+            assert got.shape == (I, r) and _relative_error(got, expected) <= 2 * ulp
+    else:
+        assert grad_b is None
+
+
+def test_kernel_sums_row_ranges_in_a_fixed_order():
+    """Two runs give bit-identical grads (no atomics: CUDA graph replays equal eager runs)."""
+    kw = dict(dtype=torch.float16, device=DEVICE)
+    torch.manual_seed(1)
+    N, I, r = 600, 64, 8
+    args = [torch.randn(N, I, **kw), torch.randn(N, r, **kw), torch.randn(r, I, **kw), torch.randn(N, I, **kw),
+            torch.randn(N, I, **kw)]
+    runs = []
+    for _ in range(2):
+        out = torch.empty(N, 2 * I, **kw)
+        grad_a, _ = swiglu_lora.swiglu_lora_backward(*args, out[:, :I], out[:, I:])
+        runs.append((out, grad_a))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def _mlp(dtype):
+    from tests.test_kernels_lora_mlp import _lora_mlp_module
+
+    return _lora_mlp_module(dtype).to(DEVICE)
+
+
+def _grads(fn, mlp, x, dy):
+    from tests.test_kernels_lora_mlp import _adapters
+
+    x = x.detach().clone().requires_grad_()
+    params = _adapters(mlp)
+    y = fn(x)
+    return [y.detach()] + [g.float() for g in torch.autograd.grad(y, [x] + params, dy)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["lora_mlp", "stacked gate|up", "separate gate, up"])
+def test_lora_functions_with_the_kernel_equal_them_without(monkeypatch, dtype, path):
+    """lora_mlp's backward and down's swiglu_lora_linear (the QLoRA MLP's path: gate and up packed from one
+    stacked projection, or separate) give the same y and grads with the kernel as with the composed ops."""
+    mlp = _mlp(dtype)
+    torch.manual_seed(2)
+    x = torch.randn(2, 37, 72, dtype=dtype, device=DEVICE)
+    dy = torch.randn(2, 37, 72, dtype=dtype, device=DEVICE)
+    weights = lora_mlp.GateUpWeights(mlp.gate_proj, mlp.up_proj)
+
+    def run(x):
+        if path == "lora_mlp":
+            return lora_mlp.lora_mlp(x, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if path == "stacked gate|up":
+            return mlp.down_proj.forward_swiglu(torch.cat([gate, up], -1), None)
+        return mlp.down_proj.forward_swiglu(gate, up)
+
+    monkeypatch.setattr(swiglu_lora, "applies", lambda gate, r: False)
+    expected = _grads(run, mlp, x, dy)
+    monkeypatch.setattr(swiglu_lora, "applies", lambda gate, r: swiglu_lora.can_run(gate, r))
+    taken = []
+    kernel = swiglu_lora.swiglu_lora_backward
+    monkeypatch.setattr(swiglu_lora, "swiglu_lora_backward", lambda *a: taken.append(1) or kernel(*a))
+    got = _grads(run, mlp, x, dy)
+    assert taken
+    names = ["y", "grad x", "grad A gate", "grad A up", "grad A down", "grad B gate", "grad B up", "grad B down"]
+    for name, g, e in zip(names, got, expected):
+        # the composed path rounds grad h to 16 bits before the SwiGLU backward, the kernel keeps it in float32
+        tolerance = 0.02 if dtype == torch.bfloat16 else 0.003
+        assert (g - e).norm() <= tolerance * e.norm() + 1e-6, name
+
+
+@pytest.mark.gpu
+def test_the_model_takes_the_kernel_on_cuda():
+    mlp = _mlp(torch.bfloat16)
+    x = torch.randn(2, 64, 72, device="cuda", dtype=torch.bfloat16)
+    assert swiglu_lora.applies(x, mlp.down_proj.lora_A.weight.shape[0])
