@@ -126,18 +126,22 @@ def test_graphs_apply_to_one_gpu_process_that_keeps_every_activation():
 
 def test_weights_made_from_the_adapters_are_made_again_on_every_call():
     # What a graph records must include these copies: they are made while recording only if made every call.
-    from lorafit.kernels.lora_mlp import GateUpWeights
+    from lorafit.kernels.lora_mlp import FusedMLPWeights
 
     model = _model("cpu")
     mlp = model.model.layers[0].mlp
     GraphedMicroBatches(model, [p for p in model.parameters() if p.requires_grad], torch.bfloat16)
     assert all(not m.keep_compute_adapters for m in model.modules() if hasattr(m, "keep_compute_adapters"))
-    weights = GateUpWeights(mlp.gate_proj, mlp.up_proj)
-    weights.refresh(mlp.gate_proj, mlp.up_proj, torch.bfloat16)
+    weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    weights.gate_up(mlp.gate_proj, mlp.up_proj, torch.bfloat16)
+    weights.down(mlp.down_proj, torch.bfloat16)
     mlp.gate_proj.lora_B.weight.data.add_(1.0)  # a change with no new tensor version, as a replay's would be
-    M = weights.refresh(mlp.gate_proj, mlp.up_proj, torch.bfloat16)
+    mlp.down_proj.lora_B.weight.data.add_(1.0)
+    M = weights.gate_up(mlp.gate_proj, mlp.up_proj, torch.bfloat16)
+    D = weights.down(mlp.down_proj, torch.bfloat16)
     I, C, r, s = weights.I, weights.C, weights.r, mlp.gate_proj.scaling
     torch.testing.assert_close(M[:I, C:C + r], (mlp.gate_proj.lora_B.weight * s).to(M.dtype))
+    torch.testing.assert_close(D[:, I:], (mlp.down_proj.lora_B.weight * mlp.down_proj.scaling).to(D.dtype))
 
 
 def test_a_right_padded_batch_goes_without_its_mask():

@@ -6,7 +6,7 @@ checked in Triton's interpreter below); @pytest.mark.gpu takes the model's own p
 import pytest
 import torch
 
-from lorafit.kernels.lora_mlp import GateUpWeights, can_fuse, lora_mlp
+from lorafit.kernels.lora_mlp import FusedMLPWeights, can_fuse, lora_mlp
 from lorafit.lora import LoRAConfig, LoRALinear
 from lorafit.models.config import ModelConfig
 from lorafit.models.llama import MLP
@@ -56,7 +56,7 @@ def test_float32_equals_the_composed_layers():
     x, dy = torch.randn(2, 13, 72), torch.randn(2, 13, 72)
     expected = _run(_composed(mlp), mlp, x, dy)
     assert can_fuse(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
-    got = _run(_fused(mlp, GateUpWeights(mlp.gate_proj, mlp.up_proj)), mlp, x, dy)
+    got = _run(_fused(mlp, FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)), mlp, x, dy)
     names = ["y", "grad x", "grad A gate", "grad A up", "grad A down", "grad B gate", "grad B up", "grad B down"]
     for name, g, e in zip(names, got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
@@ -71,35 +71,37 @@ def test_bfloat16_error_is_within_twice_the_composed_layers():
     oracle = _run(_composed(mlp32), mlp32, x.float(), dy.float())
     composed = _run(_composed(mlp16), mlp16, x, dy)
     mlp16b = _lora_mlp_module(torch.bfloat16)
-    fused = _run(_fused(mlp16b, GateUpWeights(mlp16b.gate_proj, mlp16b.up_proj)), mlp16b, x, dy)
+    fused = _run(_fused(mlp16b, FusedMLPWeights(mlp16b.gate_proj, mlp16b.up_proj, mlp16b.down_proj)), mlp16b, x, dy)
     for i, (f, c, o) in enumerate(zip(fused, composed, oracle)):
         err_fused, err_composed = (f.float() - o).abs().max().item(), (c.float() - o).abs().max().item()
         assert err_fused <= 2 * err_composed + 1e-6, f"result {i}: {err_fused:.3g} > 2 x {err_composed:.3g}"
 
 
-def test_gate_and_up_weights_become_views_with_the_same_names_and_values():
+def test_the_base_weights_become_views_with_the_same_names_and_values():
     mlp = _lora_mlp_module(torch.float32)
     before = {k: v.clone() for k, v in mlp.state_dict().items()}
-    weights = GateUpWeights(mlp.gate_proj, mlp.up_proj)
+    weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     after = mlp.state_dict()
     assert list(after) == list(before)
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
     assert mlp.gate_proj.base_layer.weight.data_ptr() == weights.M.data_ptr()
-    assert not mlp.gate_proj.base_layer.weight.requires_grad
-    assert weights.holds(mlp.gate_proj, mlp.up_proj)
+    assert mlp.down_proj.base_layer.weight.data_ptr() == weights.D.data_ptr()
+    assert not any(getattr(mlp, n).base_layer.weight.requires_grad for n in ("gate_proj", "up_proj", "down_proj"))
+    assert weights.holds(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     mlp.to(torch.float64)  # a moved model has new weight tensors: the fused weights know they are stale
-    assert not weights.holds(mlp.gate_proj, mlp.up_proj)
+    assert not weights.holds(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
 def test_changed_adapters_reach_the_fused_weights():
     """After an optimizer step (in place) or a reload (new tensors) the next pass uses the new values."""
     mlp = _lora_mlp_module(torch.float32)
-    weights = GateUpWeights(mlp.gate_proj, mlp.up_proj)
+    weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     x, dy = torch.randn(1, 9, 72), torch.randn(1, 9, 72)
     _run(_fused(mlp, weights), mlp, x, dy)
     with torch.no_grad():
         mlp.gate_proj.lora_B.weight.add_(0.5)  # in place, as AdamW steps
+        mlp.down_proj.lora_B.weight.add_(0.5)
     mlp.up_proj.lora_A.weight.data = torch.randn_like(mlp.up_proj.lora_A.weight)  # replaced, as a load may
     got = _run(_fused(mlp, weights), mlp, x, dy)
     expected = _run(_composed(mlp), mlp, x, dy)
@@ -119,14 +121,15 @@ def test_a_4bit_base_equals_the_composed_layers_and_keeps_no_dense_copy():
     x, dy = torch.randn(2, 13, 72), torch.randn(2, 13, 72)
     expected = _run(_composed(mlp), mlp, x, dy)
     assert can_fuse(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
-    weights = GateUpWeights(mlp.gate_proj, mlp.up_proj)
-    assert weights.quantized and weights.M is None and weights.holds(mlp.gate_proj, mlp.up_proj)
+    weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    assert weights.quantized and weights.M is None and weights.D is None
+    assert weights.holds(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     got = _run(_fused(mlp, weights), mlp, x, dy)
-    assert weights.M is None
+    assert weights.M is None and weights.D is None
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
     mlp.up_proj.base_layer = NF4Linear.from_linear(torch.nn.Linear(72, 200, bias=False), torch.float32)  # reload
-    assert not weights.holds(mlp.gate_proj, mlp.up_proj)
+    assert not weights.holds(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
 def test_what_the_fused_path_does_not_take():
@@ -173,7 +176,7 @@ def test_the_model_takes_the_fused_mlp_on_cuda_and_equals_the_plain_path(base):
     x, dy = torch.randn(2, 64, 72, device="cuda").bfloat16(), torch.randn(2, 64, 72, device="cuda").bfloat16()
     mlp.fused = mlp.fused_lora = True
     got = _run(lambda t: mlp(t), mlp, x, dy)
-    assert mlp.gate_up_weights is not None  # the fused path ran
+    assert mlp.fused_weights is not None  # the fused path ran
     expected = _run(_composed(mlp), mlp, x, dy)
     for i, (g, e) in enumerate(zip(got, expected)):
         assert (g.float() - e.float()).norm() <= 0.02 * e.float().norm() + 1e-6, i

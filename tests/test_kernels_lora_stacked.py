@@ -219,9 +219,9 @@ def test_the_qlora_mlp_takes_the_fused_paths_on_cuda_and_equal_the_plain_path(pa
 
     got = run()
     if path == "stacked":
-        assert mlp.gate_up_stack is not None and mlp.gate_up_weights is None
+        assert mlp.gate_up_stack is not None and mlp.fused_weights is None
     else:
-        assert mlp.gate_up_weights is not None and mlp.gate_up_weights.quantized and mlp.gate_up_stack is None
+        assert mlp.fused_weights is not None and mlp.fused_weights.quantized and mlp.gate_up_stack is None
     mlp.fused_lora = False
     for i, (g, e) in enumerate(zip(got, run())):
         assert (g - e).norm() <= 0.02 * e.norm() + 1e-6, i

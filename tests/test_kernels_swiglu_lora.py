@@ -1,5 +1,6 @@
-"""The LoRA MLP's fused backward from grad h to grad [gate | up] (kernels/swiglu_lora.py) against its float32
-specification, and the LoRA functions that take it against their composed paths.
+"""The LoRA MLP's fused SwiGLU kernels (kernels/swiglu_lora.py: forward to [h | h A^T], backward from grad h to
+grad [gate | up]) against their specifications, and the LoRA functions that take them against their
+composed paths.
 
 Without a GPU the kernel runs in Triton's interpreter in float16: the interpreter's tl.dot gives garbage for
 bfloat16 operands (Triton 3.9, checked on a 16 x 16 product), while the kernel's code is the same for both
@@ -52,6 +53,24 @@ def test_kernel_equals_the_specification(dtype, N, I, r, with_b):
         assert grad_b is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N, I, r", [(37, 70, 4), (100, 130, 16), (300, 1100, 20), (1, 65, 1)])
+def test_forward_kernel_equals_the_specification(dtype, N, I, r):
+    """[h | h A^T] into a wider buffer (the columns after it untouched), odd sizes, column ranges split over
+    programs (I = 1100), ranks padded."""
+    torch.manual_seed(0)
+    kw = dict(dtype=dtype, device=DEVICE)
+    gate_up = torch.randn(N, 2 * I + 3, **kw)
+    a = torch.randn(r, I, **kw) * 0.1
+    out = torch.full((N, I + r + 2), 7.0, **kw)
+    swiglu_lora.swiglu_lora_forward(gate_up[:, :I], gate_up[:, I:2 * I], a, out)
+    expected = swiglu_lora.reference_forward(gate_up[:, :I], gate_up[:, I:2 * I], a)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
+    assert _relative_error(out[:, :I], expected[:, :I]) <= ulp
+    assert _relative_error(out[:, I:I + r], expected[:, I:]) <= 2 * ulp
+    assert (out[:, I + r:] == 7.0).all()
+
+
 def test_kernel_sums_row_ranges_in_a_fixed_order():
     """Two runs give bit-identical grads (no atomics: CUDA graph replays equal eager runs)."""
     kw = dict(dtype=torch.float16, device=DEVICE)
@@ -91,7 +110,7 @@ def test_lora_functions_with_the_kernel_equal_them_without(monkeypatch, dtype, p
     torch.manual_seed(2)
     x = torch.randn(2, 37, 72, dtype=dtype, device=DEVICE)
     dy = torch.randn(2, 37, 72, dtype=dtype, device=DEVICE)
-    weights = lora_mlp.GateUpWeights(mlp.gate_proj, mlp.up_proj)
+    weights = lora_mlp.FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
     def run(x):
         if path == "lora_mlp":
@@ -105,10 +124,12 @@ def test_lora_functions_with_the_kernel_equal_them_without(monkeypatch, dtype, p
     expected = _grads(run, mlp, x, dy)
     monkeypatch.setattr(swiglu_lora, "applies", lambda gate, r: swiglu_lora.can_run(gate, r))
     taken = []
-    kernel = swiglu_lora.swiglu_lora_backward
-    monkeypatch.setattr(swiglu_lora, "swiglu_lora_backward", lambda *a: taken.append(1) or kernel(*a))
+    for name in ("swiglu_lora_forward", "swiglu_lora_backward"):
+        kernel = getattr(swiglu_lora, name)
+        monkeypatch.setattr(swiglu_lora, name, lambda *a, name=name, kernel=kernel: taken.append(name) or kernel(*a))
     got = _grads(run, mlp, x, dy)
-    assert taken
+    assert set(taken) == ({"swiglu_lora_forward", "swiglu_lora_backward"} if path == "lora_mlp"
+                          else {"swiglu_lora_backward"})
     names = ["y", "grad x", "grad A gate", "grad A up", "grad A down", "grad B gate", "grad B up", "grad B down"]
     for name, g, e in zip(names, got, expected):
         # the composed path rounds grad h to 16 bits before the SwiGLU backward, the kernel keeps it in float32

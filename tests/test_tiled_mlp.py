@@ -281,7 +281,7 @@ def test_tiled_equals_untiled_with_the_cuda_kernels_in_bfloat16(quantize, mode):
         loss, grads = _loss_and_grads(model, "none", "cuda")
         _tile(model, 8)
         loss2, grads2 = _loss_and_grads(model, mode, "cuda")
-    assert model.model.layers[0].mlp.gate_up_weights is not None  # the fused LoRA MLP ran
+    assert model.model.layers[0].mlp.fused_weights is not None  # the fused LoRA MLP ran
     torch.testing.assert_close(loss2, loss, rtol=2e-2, atol=2e-2)
     for name in grads:
         assert (grads2[name] - grads[name]).norm() <= 0.02 * grads[name].norm() + 1e-6, name

@@ -1,7 +1,11 @@
-"""The LoRA MLP's backward from grad h to grad [gate | up] as one Triton kernel, h = silu(gate) * up.
+"""The LoRA MLP's SwiGLU stage as two Triton kernels, h = silu(gate) * up, y = down(h) with LoRA on down.
 
-What the backward of y = down(h) + adapters, h = silu(gate) * up, needs between its two big GEMMs
-(grad h = dy W_down before it, grad x = [dgate | dup] [W_gate; W_up] after it), with dy_b = dy (s B_down):
+Forward: [h | h A_down^T] (N, I + r) in one kernel, so that down is one GEMM over [W_down | s B_down] (the
+K-concatenation kernels/lora_mlp.py uses for gate and up): composed, h was written, read again for h A^T, and
+y read and written again for the update.
+
+Backward: what it needs between its two big GEMMs (before it [grad h | dy_b] = dy [W_down | s B_down], after
+it grad x = [dgate | dup] [W_gate; W_up]):
 
     grad h   = dy W_down + dy_b A_down           (N, I)   the down adapter's share added
     grad A_down = dy_b^T h                        (r, I)   h recomputed from gate and up, never kept
@@ -14,7 +18,7 @@ again, grad h read and written by the adapter's add, dgate and dup read again by
 a layer at Llama-3.1-8B's 4096 tokens). Here one kernel reads gate, up and dy W_down once and writes dgate
 and dup once; the small products ride along on the tensor cores (K = r or the block of rows). On an H200 the
 MLP's backward from dy to [dgate | dup] then takes 0.87 ms instead of 1.08 at 8B's shape and 0.36 instead of
-0.47 at 1B's (benchmarks/swiglu_lora_backward.py, device call 36), and Llama-3.1-8B LoRA's micro-batch 240 ms
+0.47 at 1B's (benchmarks/swiglu_lora.py, device call 36), and Llama-3.1-8B LoRA's micro-batch 240 ms
 instead of 246 (gpu_profile.py, calls 31 and 32). Each program owns a block of I columns over a range of rows,
 so the (r, I) and (I, r) sums need no atomics: the row ranges' partial sums go to a float32 buffer and are
 added up after, in a fixed order (the same grads on every run, as CUDA graph replays and the tests want).
@@ -35,12 +39,13 @@ except ImportError:
     triton = None
 
 # Tiles of 16 rows x 64 columns, 4 warps, the compiler's loads 3 steps ahead, ~16 programs per SM: the best
-# of 48 tilings on an H200 at both anchor shapes (benchmarks/swiglu_lora_backward.py --sweep, device calls 33
+# of 48 tilings on an H200 at both anchor shapes (benchmarks/swiglu_lora.py --sweep, device calls 33
 # and 36): Llama-3.1-8B's MLP backward 0.87 ms against 1.08 composed (0.60 of it the dy W_down GEMM), 1B's
 # 0.36 against 0.47. Ranks pad to 16, tl.dot's smallest side. Rank-1 updates on the CUDA cores instead of
 # the tl.dot for the adapter's share of grad h were slower in every tiling.
 _BLOCK_N, _BLOCK_I, _NUM_WARPS, _NUM_STAGES = 16, 64, 4, 3
 _PROGRAMS_PER_SM = 16
+_FORWARD_BLOCK_N, _FORWARD_BLOCK_I, _FORWARD_NUM_WARPS = 16, 128, 4
 _MAX_RANK = 64
 
 
@@ -116,6 +121,44 @@ if triton is not None:
             tl.store(partial_b_up_ptr + out, acc_b_up, mask=out_ok)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(
+        gate_ptr, up_ptr, a_ptr, out_ptr, partial_ptr, N, I, r, cols_per_program,
+        stride_gate, stride_up, stride_a, stride_out,
+        BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, R: tl.constexpr,
+    ):
+        block, split = tl.program_id(0), tl.program_id(1)
+        rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BN,)
+        ranks = tl.arange(0, R)
+        row_ok, rank_ok = rows < N, ranks < r
+        acc = tl.zeros((BLOCK_N, R), dtype=tl.float32)  # h A^T over this program's columns
+        first = split * cols_per_program
+        last = tl.minimum(first + cols_per_program, I)
+        cols = first + tl.arange(0, BLOCK_I)
+        tile_ok = row_ok[:, None] & (cols < last)[None, :]
+        next_gate = tl.load(gate_ptr + rows[:, None] * stride_gate + cols[None, :], mask=tile_ok, other=0.0)
+        next_up = tl.load(up_ptr + rows[:, None] * stride_up + cols[None, :], mask=tile_ok, other=0.0)
+        for start in range(first, last, BLOCK_I):  # the large tiles loaded one step ahead, as in _kernel
+            cols = start + tl.arange(0, BLOCK_I)
+            col_ok = cols < last
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            gate, up = next_gate.to(tl.float32), next_up.to(tl.float32)
+            ahead_ok = row_ok[:, None] & (cols + BLOCK_I < last)[None, :]
+            next_gate = tl.load(gate_ptr + rows[:, None] * stride_gate + (cols + BLOCK_I)[None, :], mask=ahead_ok,
+                                other=0.0)
+            next_up = tl.load(up_ptr + rows[:, None] * stride_up + (cols + BLOCK_I)[None, :], mask=ahead_ok,
+                              other=0.0)
+            h = (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty)  # (BN, BI)
+            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], h, mask=tile_ok)
+            a_t = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
+                          other=0.0)  # (BI, R): A_down's columns, transposed
+            acc += tl.dot(h, a_t)
+        out = split * N * R + rows[:, None] * R + ranks[None, :]  # (splits, N, R) partial sums
+        tl.store(partial_ptr + out, acc, mask=row_ok[:, None] & rank_ok[None, :])
+
+
 def can_run(gate: torch.Tensor, r: int) -> bool:
     """The kernel's cases: a 16-bit dtype (its small products run on the tensor cores in it), r <= 64."""
     return triton is not None and gate.dtype in (torch.bfloat16, torch.float16) and r <= _MAX_RANK
@@ -160,6 +203,36 @@ def swiglu_lora_backward(grad_h, dy_b, a_down, gate, up, grad_gate, grad_up, dow
     if not has_b:
         return grad_a, None
     return grad_a, (partial_b_gate[:, :r].sum(0).t(), partial_b_up[:, :r].sum(0).t())  # (I, r) each
+
+
+def swiglu_lora_forward(gate, up, a_down, out) -> None:
+    """Triton (CPU tensors need TRITON_INTERPRET=1). gate, up (N, I) row-major views, a_down (r, I), out
+    (N, >= I + r): writes [h | h A_down^T] into out's first I + r columns, h = silu(gate) * up in out's dtype
+    and the product from the rounded h, as the composed path multiplies the stored h. See reference_forward."""
+    N, I = gate.shape
+    r = a_down.shape[0]
+    R = max(16, triton.next_power_of_2(r))
+    row_blocks = triton.cdiv(N, _FORWARD_BLOCK_N)
+    sms = torch.cuda.get_device_properties(gate.device).multi_processor_count if gate.is_cuda else 1
+    # Column ranges per row block: ~_PROGRAMS_PER_SM programs per SM (4096 rows are only 256 row blocks)
+    splits = max(1, min(triton.cdiv(_PROGRAMS_PER_SM * sms, row_blocks), I // (8 * _FORWARD_BLOCK_I)))
+    cols_per_program = triton.cdiv(triton.cdiv(I, splits), _FORWARD_BLOCK_I) * _FORWARD_BLOCK_I
+    splits = max(1, triton.cdiv(I, cols_per_program))
+    partial = torch.zeros(splits, N, R, dtype=torch.float32, device=gate.device)
+    if N > 0 and I > 0:
+        _forward_kernel[(row_blocks, splits)](
+            gate, up, a_down, out, partial, N, I, r, cols_per_program,
+            gate.stride(0), up.stride(0), a_down.stride(0), out.stride(0),
+            BLOCK_N=_FORWARD_BLOCK_N, BLOCK_I=_FORWARD_BLOCK_I, R=R, num_warps=_FORWARD_NUM_WARPS,
+            num_stages=_NUM_STAGES,
+        )
+    out[:, I:I + r] = partial[:, :, :r].sum(0)  # (N, r), rounded once
+
+
+def reference_forward(gate, up, a_down):
+    """The specification: -> [h | h A_down^T] (N, I + r) in gate's dtype, h rounded before the product."""
+    h = (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    return torch.cat([h, (h.float() @ a_down.float().t()).to(gate.dtype)], dim=-1)
 
 
 def reference_backward(grad_h, dy_b, a_down, gate, up, down_gate=None, down_up=None):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cross_entropy import linear_cross_entropy
-from ..kernels.lora_mlp import GateUpWeights, can_fuse, lora_mlp
+from ..kernels.lora_mlp import FusedMLPWeights, can_fuse, lora_mlp
 from ..kernels.lora_stacked import StackedWeights, can_stack, lora_stacked
 from ..kernels.rms_norm import add_rms_norm
 from ..kernels.rope import rope
@@ -127,7 +127,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weights: GateUpWeights | None = None  # made on the first fused LoRA training pass
+        self.fused_weights: FusedMLPWeights | None = None  # made on the first fused LoRA training pass
         self.gate_up_stack: StackedWeights | None = None  # likewise, for a 4-bit base
 
     def tiles(self, tokens: int) -> bool:
@@ -146,9 +146,10 @@ class MLP(nn.Module):
         # (grad) then round alike, and give bit-identical activations.
         if (self.fused_lora and x.is_cuda and self.training
                 and can_fuse(self.gate_proj, self.up_proj, self.down_proj, x)):
-            if self.gate_up_weights is None or not self.gate_up_weights.holds(self.gate_proj, self.up_proj):
-                self.gate_up_weights = GateUpWeights(self.gate_proj, self.up_proj)
-            return lora_mlp(x, self.gate_up_weights, self.gate_proj, self.up_proj, self.down_proj)
+            layers = (self.gate_proj, self.up_proj, self.down_proj)
+            if self.fused_weights is None or not self.fused_weights.holds(*layers):
+                self.fused_weights = FusedMLPWeights(*layers)
+            return lora_mlp(x, self.fused_weights, *layers)
         if self.fused and x.is_cuda:
             swiglu_lora = hasattr(self.down_proj, "forward_swiglu")  # a LoRA layer: recomputes its input in backward
             layers = (self.gate_proj, self.up_proj)
