@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: machine description and appending to results.jsonl."""
+"""Shared by the benchmark scripts: machine description, appending to results.jsonl, timing on the GPU."""
 
 import datetime
 import json
@@ -52,3 +52,18 @@ def record(benchmark: str, rows: list[dict], results: Path = RESULTS, **extra) -
     with Path(results).open("a") as f:
         f.write(json.dumps(entry) + "\n")
     print(f"appended to {results}")
+
+
+def cuda_ms(fn, iters: int = 20) -> float:
+    """Mean milliseconds of fn() over `iters` back-to-back calls after 3 warm-up calls, timed by CUDA events."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters

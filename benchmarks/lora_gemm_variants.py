@@ -16,8 +16,14 @@ alone): what the adapters cost is their own passes over the activations, not the
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _record import cuda_ms  # noqa: E402
 
 SHAPES = {  # name: (C_in, C_out, stacked rank)
     "q|k|v": (4096, 6144, 48),
@@ -25,18 +31,6 @@ SHAPES = {  # name: (C_in, C_out, stacked rank)
     "gate|up": (4096, 28672, 32),
     "down": (14336, 4096, 16),
 }
-
-
-def timed_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -106,10 +100,10 @@ def main() -> None:
         }
         for variant, (f, b) in {"current": (f_current, b_current), "swap": (f_swap, b_swap),
                                 "k/n-concat": (f_kconcat, b_nconcat), "base": (f_base, b_base)}.items():
-            fm, bm = timed_ms(f, args.iters), timed_ms(b, args.iters)
+            fm, bm = cuda_ms(f, args.iters), cuda_ms(b, args.iters)
             totals[variant] = totals.get(variant, 0.0) + fm + bm
             print(f"{name:10s} {variant:10s} {fm:11.3f} {bm:12.3f}")
-        print("  thin ops (ms): " + ", ".join(f"{k} {timed_ms(v, args.iters):.3f}" for k, v in thin.items()))
+        print("  thin ops (ms): " + ", ".join(f"{k} {cuda_ms(v, args.iters):.3f}" for k, v in thin.items()))
     print("\nper decoder layer (forward + backward), x32 for Llama-3.1-8B:")
     for variant, ms in totals.items():
         print(f"  {variant:10s} {ms:7.3f} ms   {32 * ms:7.1f} ms per micro-batch")

@@ -19,24 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
 
+from _record import cuda_ms  # noqa: E402
 from lorafit.kernels import swiglu_lora  # noqa: E402
 from lorafit.kernels.lora_linear import _lora_backward, _lora_forward  # noqa: E402
 from lorafit.kernels.swiglu import swiglu_grads_packed, swiglu_values  # noqa: E402
 
 SHAPES = {"llama-3.1-8b": (4096, 14336), "llama-3.2-1b": (2048, 8192)}  # (C, I)
-
-
-def timed_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def sweep(fn, knobs: tuple, values: tuple) -> None:
@@ -45,7 +35,7 @@ def sweep(fn, knobs: tuple, values: tuple) -> None:
         for k, v in zip(knobs, config):
             setattr(swiglu_lora, k, v)
         try:
-            print(f"   {dict(zip((k.strip('_').lower() for k in knobs), config))}: {timed_ms(fn):.3f} ms")
+            print(f"   {dict(zip((k.strip('_').lower() for k in knobs), config))}: {cuda_ms(fn):.3f} ms")
         except Exception as e:  # out of shared memory or registers at this shape
             print(f"   {config}: {type(e).__name__}")
     for k, v in zip(knobs, default):
@@ -91,11 +81,11 @@ def main() -> None:
                                              gate_up[:, I:], d_cat[:, :I], d_cat[:, I:2 * I], low[:, :r], low[:, r:])
             dy.t() @ down_a
 
-        gemm_ms = timed_ms(lambda: h_cat[:, :I] @ w_down.t())
+        gemm_ms = cuda_ms(lambda: h_cat[:, :I] @ w_down.t())
         print(f"{name} (N={N}, C={C}, I={I}, r={r}), ms: h W^T alone {gemm_ms:.3f}, "
-              f"forward composed {timed_ms(forward_composed):.3f}, fused {timed_ms(forward_fused):.3f}; "
-              f"dy W_down alone {timed_ms(lambda: dy @ w_down):.3f}, backward composed "
-              f"{timed_ms(backward_composed):.3f}, fused {timed_ms(backward_fused):.3f}")
+              f"forward composed {cuda_ms(forward_composed):.3f}, fused {cuda_ms(forward_fused):.3f}; "
+              f"dy W_down alone {cuda_ms(lambda: dy @ w_down):.3f}, backward composed "
+              f"{cuda_ms(backward_composed):.3f}, fused {cuda_ms(backward_fused):.3f}")
         if args.sweep in ("forward", "both"):
             print("  forward kernel tilings (with the GEMM):")
             sweep(forward_fused, ("_FORWARD_BLOCK_N", "_FORWARD_BLOCK_I", "_FORWARD_NUM_WARPS", "_PROGRAMS_PER_SM"),
