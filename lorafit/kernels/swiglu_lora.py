@@ -220,7 +220,7 @@ def swiglu_lora_forward(gate, up, a_down, out) -> None:
     splits = max(1, min(triton.cdiv(_PROGRAMS_PER_SM * sms, row_blocks), I // (8 * _FORWARD_BLOCK_I)))
     cols_per_program = triton.cdiv(triton.cdiv(I, splits), _FORWARD_BLOCK_I) * _FORWARD_BLOCK_I
     splits = max(1, triton.cdiv(I, cols_per_program))
-    partial = torch.empty(splits, N, R, dtype=torch.float32, device=gate.device)  # every cell read is written
+    partial = torch.zeros(splits, N, R, dtype=torch.float32, device=gate.device)
     if N > 0 and I > 0:
         _forward_kernel[(row_blocks, splits)](
             gate, up, a_down, out, partial, N, I, r, cols_per_program,
