@@ -1,8 +1,10 @@
 """Data parallelism on the CPU: 2 processes under torchrun with the gloo backend, on the tiny Qwen2 model.
 
 Tolerances: the 2-rank runs sum the same float32 numbers in another order than one process does (per rank,
-then across ranks), so losses agree to rel 1e-6 and adapter weights to 1e-6 absolute (measured: 1.7e-7 at
-most, on weights of about 0.12 after 9 steps at lr 1e-3).
+then across ranks), so losses agree to rel 1e-6 and adapter weights to 1e-5 absolute, 1% of one step at
+lr 1e-3. AdamW divides each gradient by its own running scale, so an element whose gradient is near zero
+takes a step whose size the summation order decides: measured 1.7e-7 at most on an AMD EPYC, but 1.4e-6 and
+2.0e-6 on one element in 1,152 and 1,600 (QLoRA, DPO) on an Intel Xeon, on weights of about 0.12.
 """
 
 import json
@@ -69,7 +71,7 @@ def adapter(output_dir) -> dict:
 def assert_same_adapter(a: dict, b: dict):
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
