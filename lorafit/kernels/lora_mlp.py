@@ -117,6 +117,15 @@ class FusedMLPWeights:
         return D
 
 
+def product_beside(cat: torch.Tensor, K: int, weight: torch.Tensor) -> None:
+    """cat[:, K:] = cat[:, :K] @ weight: a product of a matrix's first K columns written beside them (h A^T
+    beside h, dy B beside dy). Those columns are zeroed first: PyTorch 2.13's CPU matmul in bf16 reads a
+    column slice's rows past its K columns and multiplies the excess by zeros, so unset memory there that
+    happens to hold a NaN turned the product NaN (a flaky CPU test); on a GPU the zeros are one (N, r) fill."""
+    cat[:, K:].zero_()
+    cat[:, K:] = cat[:, :K] @ weight
+
+
 def can_fuse(gate, up, down, x: torch.Tensor) -> bool:
     """Plain LoRA (no dropout, no DoRA, adapters on) over frozen bias-free bases in x's dtype, gate and up of
     one kind (dense or NF4) and rank."""
@@ -148,7 +157,7 @@ class _LoRAMLP(torch.autograd.Function):
             swiglu_lora.swiglu_lora_forward(gate_up[:, :I], gate_up[:, I:], a_w_down, h_cat)
         else:
             h_cat[:, :I] = swiglu_values(gate_up[:, :I], gate_up[:, I:])
-            h_cat[:, I:] = h_cat[:, :I] @ a_w_down.t()
+            product_beside(h_cat, I, a_w_down.t())
         y = h_cat @ weights.down(down, x.dtype).t()  # (N, C): [h | h A^T] [W_down | s B_down]^T
         down_a = h_cat[:, I:].clone()  # (N, r): kept without the (N, I) h it sits beside
         ctx.save_for_backward(x_cat, gate_up, down_a, a_w_down)
@@ -186,7 +195,7 @@ class _LoRAMLP(torch.autograd.Function):
         del grad_h_cat, grad_h, dy_b
         grad_b_down = (dy.t() @ down_a) * down.scaling  # (C, r)
         M = weights.gate_up(gate, up, gate_up.dtype)
-        d_cat[:, I2:] = d_cat[:, :I2] @ M[:I2, C:]  # (N, 2r); M's block diagonal of s B_g, s B_u
+        product_beside(d_cat, I2, M[:I2, C:])  # (N, 2r); M's block diagonal of s B_g, s B_u
         grad_x = d_cat @ M[:, :C]  # (N, C)
         del M
         grad_a = d_cat[:, I2:].t() @ x2  # (2r, C): s (dgate B_g)^T x over s (dup B_u)^T x (s is in M's B blocks)
