@@ -133,11 +133,11 @@ def test_weights_made_from_the_adapters_are_made_again_on_every_call():
     GraphedMicroBatches(model, [p for p in model.parameters() if p.requires_grad], torch.bfloat16)
     assert all(not m.keep_compute_adapters for m in model.modules() if hasattr(m, "keep_compute_adapters"))
     weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    weights.gate_up(mlp.gate_proj, mlp.up_proj, torch.bfloat16)
+    weights.gate_up.matrix((mlp.gate_proj, mlp.up_proj), torch.bfloat16)
     weights.down(mlp.down_proj, torch.bfloat16)
     mlp.gate_proj.lora_B.weight.data.add_(1.0)  # a change with no new tensor version, as a replay's would be
     mlp.down_proj.lora_B.weight.data.add_(1.0)
-    M = weights.gate_up(mlp.gate_proj, mlp.up_proj, torch.bfloat16)
+    M = weights.gate_up.matrix((mlp.gate_proj, mlp.up_proj), torch.bfloat16)
     D = weights.down(mlp.down_proj, torch.bfloat16)
     I, C, r, s = weights.I, weights.C, weights.r, mlp.gate_proj.scaling
     torch.testing.assert_close(M[:I, C:C + r], (mlp.gate_proj.lora_B.weight * s).to(M.dtype))

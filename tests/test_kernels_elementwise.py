@@ -110,6 +110,32 @@ def test_add_rms_norm_kernel(dtype, shape, weight_trains):
     )
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["rms_norm", "add_rms_norm"])
+def test_rms_norm_spare_columns_are_left_to_the_caller(residual):
+    # The fused LoRA functions fill the spare columns (x A^T beside x) and hand back grads for them, which
+    # the norm's backward must not read: they are NaN here, and the grads must equal those of the plain call.
+    x, r, weight, (grad, grad_total) = norm_inputs((37, 200), torch.float32, KERNEL_DEVICE)
+    norm = (lambda x, w, **kw: add_rms_norm_triton(x, r, w, EPS, **kw)) if residual else \
+        (lambda x, w, **kw: (rms_norm_triton(x, w, EPS, **kw), None))
+    leaves = [t.clone().requires_grad_() for t in (x, weight)]
+    wide, total = norm(*leaves, spare_columns=7)
+    assert wide.shape == (37, 207) and wide.stride() == (207, 1)
+    wide_grad = torch.cat([grad, torch.full((37, 7), float("nan"), device=grad.device)], dim=1)
+    got = torch.autograd.grad([wide] + ([total] if residual else []), leaves, [wide_grad] + [grad_total] * residual)
+    plain, plain_total = norm(*leaves)
+    expected = torch.autograd.grad([plain] + ([plain_total] if residual else []), leaves,
+                                   [grad] + [grad_total] * residual)
+    torch.testing.assert_close(wide[:, :200], plain, rtol=0, atol=0)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_spare_columns_need_the_eager_cuda_path():
+    x, _, weight, _ = norm_inputs((3, 8), torch.float32)
+    with pytest.raises(ValueError, match="spare_columns"):
+        rms_norm(x, weight, EPS, spare_columns=2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "halves_of_one_projection"])
 def test_swiglu_kernel(dtype, fused):

@@ -47,16 +47,28 @@ def _composed(mlp):
     return lambda x: mlp(x)
 
 
-def _fused(mlp, weights):
-    return lambda x: lora_mlp(x, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+def _fused(mlp, weights, spare_columns=0):
+    """The fused MLP; spare_columns: x arrives as the norm leaves it, with that many unset (NaN) columns."""
+    if not spare_columns:
+        return lambda x: lora_mlp(x, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return lambda x: lora_mlp(_with_spare_columns(x, spare_columns), weights, mlp.gate_proj, mlp.up_proj,
+                              mlp.down_proj)
 
 
-def test_float32_equals_the_composed_layers():
+def _with_spare_columns(x, n):
+    """x (..., C) -> (..., C + n), the n columns NaN: autograd then takes the wider input's grad back to x."""
+    return torch.cat([x, torch.full((*x.shape[:-1], n), float("nan"), dtype=x.dtype)], dim=-1)
+
+
+@pytest.mark.parametrize("spare_columns", [0, 8], ids=["x", "x_with_spare_columns"])
+def test_float32_equals_the_composed_layers(spare_columns):
+    # 8 = 2r: the columns the post-attention norm leaves beside x (models/llama.py), NaN until filled.
     mlp = _lora_mlp_module(torch.float32)
     x, dy = torch.randn(2, 13, 72), torch.randn(2, 13, 72)
     expected = _run(_composed(mlp), mlp, x, dy)
     assert can_fuse(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
-    got = _run(_fused(mlp, FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)), mlp, x, dy)
+    weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    got = _run(_fused(mlp, weights, spare_columns), mlp, x, dy)
     names = ["y", "grad x", "grad A gate", "grad A up", "grad A down", "grad B gate", "grad B up", "grad B down"]
     for name, g, e in zip(names, got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
@@ -85,7 +97,7 @@ def test_the_base_weights_become_views_with_the_same_names_and_values():
     assert list(after) == list(before)
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
-    assert mlp.gate_proj.base_layer.weight.data_ptr() == weights.M.data_ptr()
+    assert mlp.gate_proj.base_layer.weight.data_ptr() == weights.gate_up.M.data_ptr()
     assert mlp.down_proj.base_layer.weight.data_ptr() == weights.D.data_ptr()
     assert not any(getattr(mlp, n).base_layer.weight.requires_grad for n in ("gate_proj", "up_proj", "down_proj"))
     assert weights.holds(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -122,10 +134,10 @@ def test_a_4bit_base_equals_the_composed_layers_and_keeps_no_dense_copy():
     expected = _run(_composed(mlp), mlp, x, dy)
     assert can_fuse(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
     weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    assert weights.quantized and weights.M is None and weights.D is None
+    assert weights.quantized and weights.gate_up.M is None and weights.D is None
     assert weights.holds(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     got = _run(_fused(mlp, weights), mlp, x, dy)
-    assert weights.M is None and weights.D is None
+    assert weights.gate_up.M is None and weights.D is None
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
     mlp.up_proj.base_layer = NF4Linear.from_linear(torch.nn.Linear(72, 200, bias=False), torch.float32)  # reload

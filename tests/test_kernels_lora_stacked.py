@@ -55,20 +55,30 @@ def _composed(attn):
     return lambda x: torch.cat([m(x) for m in _layers(attn)], dim=-1)
 
 
-def _stacked(attn, weights):
-    return lambda x: lora_stacked(x, weights, _layers(attn))
+def _stacked(attn, weights, separate=False, spare_columns=0):
+    """The stacked function, its outputs joined as the three layers' are; spare_columns: x arrives as the norm
+    leaves it, with that many unset (NaN) columns."""
+    def run(x):
+        if spare_columns:
+            x = torch.cat([x, torch.full((*x.shape[:-1], spare_columns), float("nan"), dtype=x.dtype)], dim=-1)
+        y = lora_stacked(x, weights, _layers(attn), separate=separate)
+        return torch.cat(y, dim=-1) if separate else y
+    return run
 
 
 NAMES = ["y", "grad x", "grad A q", "grad B q", "grad A k", "grad B k", "grad A v", "grad B v"]
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_float32_equals_the_three_layers(nf4):
+@pytest.mark.parametrize("separate", [False, True], ids=["packed", "separate"])
+@pytest.mark.parametrize("spare_columns", [0, 12], ids=["x", "x_with_spare_columns"])
+def test_float32_equals_the_three_layers(nf4, separate, spare_columns):
+    # 12 = 3r: the columns input_layernorm leaves beside x (models/llama.py).
     attn = _attention(torch.float32, nf4=nf4)
     x, dy = torch.randn(2, 13, C), torch.randn(2, 13, HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM)
     expected = _run(_composed(attn), attn, x, dy)
     assert can_stack(_layers(attn), x)
-    got = _run(_stacked(attn, StackedWeights(_layers(attn))), attn, x, dy)
+    got = _run(_stacked(attn, StackedWeights(_layers(attn)), separate, spare_columns), attn, x, dy)
     for name, g, e in zip(NAMES, got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
 
@@ -81,7 +91,7 @@ def test_bfloat16_error_is_within_twice_the_three_layers():
     dy = torch.randn(3, 17, HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM).bfloat16()
     oracle = _run(_composed(attn32), attn32, x.float(), dy.float())
     composed = _run(_composed(attn16), attn16, x, dy)
-    stacked = _run(_stacked(attn16b, StackedWeights(_layers(attn16b))), attn16b, x, dy)
+    stacked = _run(_stacked(attn16b, StackedWeights(_layers(attn16b)), separate=True), attn16b, x, dy)
     for name, s, c, o in zip(NAMES, stacked, composed, oracle):
         err_stacked, err_composed = (s.float() - o).abs().max().item(), (c.float() - o).abs().max().item()
         assert err_stacked <= 2 * err_composed + 1e-6, f"{name}: {err_stacked:.3g} > 2 x {err_composed:.3g}"
@@ -95,7 +105,7 @@ def test_dense_weights_become_views_with_the_same_names_and_values():
     assert list(after) == list(before)
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
-    assert attn.q_proj.base_layer.weight.data_ptr() == weights.W.data_ptr()
+    assert attn.q_proj.base_layer.weight.data_ptr() == weights.M.data_ptr()
     assert not attn.k_proj.base_layer.weight.requires_grad
     assert weights.holds(_layers(attn))
     attn.to(torch.float64)  # a moved model has new weight tensors: the stacked weight knows it is stale
@@ -105,11 +115,11 @@ def test_dense_weights_become_views_with_the_same_names_and_values():
 def test_an_nf4_base_is_dequantised_on_demand_and_not_kept():
     attn = _attention(torch.float32, nf4=True)
     weights = StackedWeights(_layers(attn))
-    assert weights.W is None and weights.holds(_layers(attn))
+    assert weights.M is None and weights.holds(_layers(attn))
     x = torch.randn(1, 5, C, requires_grad=True)
     y = lora_stacked(x, weights, _layers(attn))
     O = HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM
-    assert not [t for t in y.grad_fn.saved_tensors if t.shape == (O, C)]  # no dense (O, C) weight saved
+    assert all(t.shape[0] < O for t in y.grad_fn.saved_tensors)  # no dense (O + 3r, C + 3r) matrix saved
 
 
 def test_changed_adapters_reach_the_stacked_weights():

@@ -15,13 +15,9 @@ and backward's grad x is one matmul over the same weights:
     [dgate | dup | dgate s B_g | dup s B_u] @ [[W_g], [W_u], [A_g], [A_u]] = grad x      (N, C), K = 2I + 2r
 
 Both read one matrix M = [[W_g, sB_g, 0], [W_u, 0, sB_u], [A_g, 0, 0], [A_u, 0, 0]], (2I + 2r, C + 2r):
-the forward its first 2I rows, the backward its first C columns. The model's gate and up weights become
-views into M (names, values and state_dict unchanged), so M costs 2r extra rows and columns (1.8 MiB a
-layer for 8B), and K grows by 2r (0.8% for 8B at r = 16). Its adapter blocks are copied from the float32
-masters whenever these changed (an optimizer step, a loaded adapter). A 4-bit base (QLoRA) is dequantised
-into a new M in forward and again in backward (nn/nf4.py's kernel writes into its rows), never kept: against
-gate and up as a stacked projection (kernels/lora_stacked.py), the adapters' update then needs no pass of
-its own either (6.0 ms of Llama-3.1-8B QLoRA's 259 ms micro-batch on an H200, device call 31).
+kernels/lora_stacked.py's StackedWeights over gate and up, which says what it costs and how a 4-bit base
+(QLoRA) is dequantised into it. The post-attention norm leaves the 2r columns beside x (models/llama.py), so [x | x A^T]
+is x's own buffer: before, copying x into it took 1.5 ms of the 8B's micro-batch (device call 37).
 
 D = [W_down | s B_down] (C, I + r) does for down what M does for gate and up: forward, [h | h A_down^T] @ D^T
 is y with the update; backward, dy @ D = [grad h from W_down | dy s B_down]. Down's weight is a view into D
@@ -34,79 +30,45 @@ import torch
 from torch import nn
 
 from . import swiglu_lora
-from .lora_stacked import can_stack
+from .lora_stacked import StackedWeights, can_stack, input_grad, product_beside, with_adapter_input
 from .swiglu import swiglu_grads_packed, swiglu_values
 
 
 class FusedMLPWeights:
-    """M for one MLP's gate and up projections and D = [W_down | s B_down] (C, I + r_down) for down. Dense bases
-    now hold views into them; 4-bit (NF4) bases are dequantised into a new M or D at every forward and again in
-    backward, never kept (as kernels/lora_stacked.py does for them): 235 MB at a time for Llama-3.1-8B."""
+    """M for one MLP's gate and up projections (kernels/lora_stacked.py's StackedWeights over the two) and
+    D = [W_down | s B_down] (C, I + r_down) for down. Dense bases now hold views into them; 4-bit (NF4) bases
+    are dequantised into a new M or D at every forward and again in backward, never kept: 235 MB at a time for
+    Llama-3.1-8B."""
 
     def __init__(self, gate, up, down):
-        base = gate.base_layer
-        (I, C), r = (base.out_features, base.in_features), gate.lora_A.weight.shape[0]
-        self.I, self.C, self.r, self.r_down = I, C, r, down.lora_A.weight.shape[0]
-        self.quantized = not isinstance(base, nn.Linear)
-        self.M = self.D = None
-        self._bases = (gate.base_layer, up.base_layer, down.base_layer)
+        self.gate_up = StackedWeights((gate, up))
+        self.I, self.C, self.r = gate.out_features, gate.in_features, self.gate_up.r
+        self.r_down = down.lora_A.weight.shape[0]
+        self.quantized = self.gate_up.quantized
+        self.D = None
+        self._down_base = down.base_layer
         if not self.quantized:
-            self.M = base.weight.new_zeros(2 * I + 2 * r, C + 2 * r)
-            self.D = base.weight.new_zeros(C, I + self.r_down)
+            self.D = down.base_layer.weight.new_zeros(self.C, self.I + self.r_down)
             with torch.no_grad():
-                self.M[:I, :C].copy_(base.weight)
-                self.M[I:2 * I, :C].copy_(up.base_layer.weight)
-                self.D[:, :I].copy_(down.base_layer.weight)
-            gate.base_layer.weight = nn.Parameter(self.M[:I, :C], requires_grad=False)
-            up.base_layer.weight = nn.Parameter(self.M[I:2 * I, :C], requires_grad=False)
-            down.base_layer.weight = nn.Parameter(self.D[:, :I], requires_grad=False)
-        self._seen_gate_up = self._seen_down = None
+                self.D[:, :self.I].copy_(down.base_layer.weight)
+            down.base_layer.weight = nn.Parameter(self.D[:, :self.I], requires_grad=False)
+        self._seen_down = None
 
     def holds(self, gate, up, down) -> bool:
         """False once the model's weights were moved or replaced (model.to(...), a reload): M and D are stale."""
-        if (gate.lora_A.weight.shape[0], down.lora_A.weight.shape[0]) != (self.r, self.r_down):
+        if not self.gate_up.holds((gate, up)) or down.lora_A.weight.shape[0] != self.r_down:
             return False
         if self.quantized:
-            return (gate.base_layer, up.base_layer, down.base_layer) == self._bases
-        return (gate.base_layer.weight.data_ptr() == self.M.data_ptr()
-                and up.base_layer.weight.data_ptr() == self.M[self.I].data_ptr()
-                and down.base_layer.weight.data_ptr() == self.D.data_ptr())
-
-    @staticmethod
-    def _seen(layers) -> tuple:
-        return tuple((p.data_ptr(), p._version) for m in layers for p in (m.lora_A.weight, m.lora_B.weight)) + \
-            tuple(m.scaling for m in layers)
-
-    def _stale(self, seen, kept, layers) -> bool:
-        """Whether the adapter blocks must be copied: a new matrix, changed adapters, or layers that do not keep
-        copies between calls (keep_compute_adapters off: FSDP2, CUDA graphs, lora.py)."""
-        return self.quantized or seen != kept or not all(m.keep_compute_adapters for m in layers)
-
-    def gate_up(self, gate, up, dtype: torch.dtype) -> torch.Tensor:
-        """M with the adapters' current values, in dtype."""
-        I, C, r, M = self.I, self.C, self.r, self.M
-        seen = self._seen((gate, up))
-        if not self._stale(seen, self._seen_gate_up, (gate, up)):
-            return M
-        if self.quantized:
-            M = torch.empty(2 * I + 2 * r, C + 2 * r, dtype=dtype, device=gate.lora_A.weight.device)
-            gate.base_layer.dequantize_into(M[:I, :C])
-            up.base_layer.dequantize_into(M[I:2 * I, :C])
-            M[:I, C + r:].zero_()
-            M[I:2 * I, C:C + r].zero_()  # M[2I:, C:] is never read
-        with torch.no_grad():
-            M[:I, C:C + r].copy_(gate.lora_B.weight * gate.scaling)
-            M[I:2 * I, C + r:].copy_(up.lora_B.weight * up.scaling)
-            M[2 * I:2 * I + r, :C].copy_(gate.lora_A.weight)
-            M[2 * I + r:, :C].copy_(up.lora_A.weight)
-        self._seen_gate_up = None if self.quantized else seen
-        return M
+            return down.base_layer is self._down_base
+        return down.base_layer.weight.data_ptr() == self.D.data_ptr()
 
     def down(self, down, dtype: torch.dtype) -> torch.Tensor:
         """D = [W_down | s B_down] with the adapter's current values, in dtype."""
         I, D = self.I, self.D
-        seen = self._seen((down,))
-        if not self._stale(seen, self._seen_down, (down,)):
+        seen = (down.lora_A.weight.data_ptr(), down.lora_A.weight._version, down.lora_B.weight.data_ptr(),
+                down.lora_B.weight._version, down.scaling)
+        # As StackedWeights.matrix: written again when the adapter changed or the layer keeps no copies.
+        if not self.quantized and seen == self._seen_down and down.keep_compute_adapters:
             return D
         if self.quantized:
             D = torch.empty(self.C, I + self.r_down, dtype=dtype, device=down.lora_A.weight.device)
@@ -117,15 +79,6 @@ class FusedMLPWeights:
         return D
 
 
-def product_beside(cat: torch.Tensor, K: int, weight: torch.Tensor) -> None:
-    """cat[:, K:] = cat[:, :K] @ weight: a product of a matrix's first K columns written beside them (h A^T
-    beside h, dy B beside dy). Those columns are zeroed first: PyTorch 2.13's CPU matmul in bf16 reads a
-    column slice's rows past its K columns and multiplies the excess by zeros, so unset memory there that
-    happens to hold a NaN turned the product NaN (a flaky CPU test); on a GPU the zeros are one (N, r) fill."""
-    cat[:, K:].zero_()
-    cat[:, K:] = cat[:, :K] @ weight
-
-
 def can_fuse(gate, up, down, x: torch.Tensor) -> bool:
     """Plain LoRA (no dropout, no DoRA, adapters on) over frozen bias-free bases in x's dtype, gate and up of
     one kind (dense or NF4) and rank."""
@@ -133,7 +86,8 @@ def can_fuse(gate, up, down, x: torch.Tensor) -> bool:
 
 
 def lora_mlp(x: torch.Tensor, weights: FusedMLPWeights, gate, up, down) -> torch.Tensor:
-    """x (..., C) -> down(silu(gate(x)) * up(x)) (..., C); gate, up, down are LoRA layers (see can_fuse)."""
+    """x (..., C) -> down(silu(gate(x)) * up(x)) (..., C); gate, up, down are LoRA layers (see can_fuse). x may
+    come with 2r spare columns, (..., C + 2r), which it fills with x [A_g; A_u]^T (lora_stacked.spare_columns)."""
     a_down = down.compute_adapters(x.dtype)[0]
     return _LoRAMLP.apply(x, weights, (gate, up, down), gate.lora_A.weight, gate.lora_B.weight, up.lora_A.weight,
                           up.lora_B.weight, down.lora_A.weight, down.lora_B.weight, a_down)
@@ -144,12 +98,9 @@ class _LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, weights, layers, a_gate, b_gate, a_up, b_up, a_down, b_down, a_w_down):
         C, I, r_down = weights.C, weights.I, weights.r_down
         gate, up, down = layers
-        M = weights.gate_up(gate, up, x.dtype)  # (2I + 2r, C + 2r)
-        x2 = x.reshape(-1, C)  # (N, C)
-        N = x2.shape[0]
-        x_cat = torch.empty(N, M.shape[1], dtype=x.dtype, device=x.device)  # [x | x A_g^T | x A_u^T]
-        x_cat[:, :C] = x2
-        x_cat[:, C:] = x2 @ M[2 * I:, :C].t()  # (N, 2r)
+        M = weights.gate_up.matrix((gate, up), x.dtype)  # (2I + 2r, C + 2r)
+        x_cat = with_adapter_input(x, C, M[2 * I:, :C])  # (N, C + 2r): [x | x A_g^T | x A_u^T]
+        N = x_cat.shape[0]
         gate_up = x_cat @ M[:2 * I].t()  # (N, 2I): [gate | up], adapters included
         del M  # an NF4 base's M is made again in backward
         h_cat = torch.empty(N, I + r_down, dtype=x.dtype, device=x.device)  # [h | h A_down^T]
@@ -161,9 +112,9 @@ class _LoRAMLP(torch.autograd.Function):
         y = h_cat @ weights.down(down, x.dtype).t()  # (N, C): [h | h A^T] [W_down | s B_down]^T
         down_a = h_cat[:, I:].clone()  # (N, r): kept without the (N, I) h it sits beside
         ctx.save_for_backward(x_cat, gate_up, down_a, a_w_down)
-        ctx.weights, ctx.layers = weights, layers  # frozen weights: an NF4 base's are dequantised again
+        ctx.weights, ctx.layers, ctx.x_shape = weights, layers, x.shape  # an NF4 base is dequantised again
         ctx.param_dtypes = tuple(p.dtype for p in (a_gate, b_gate, a_up, b_up, a_down, b_down))
-        return y.view(*x.shape[:-1], -1)
+        return y.view(*x.shape[:-1], C)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -194,12 +145,12 @@ class _LoRAMLP(torch.autograd.Function):
             grad_b_up = d_cat[:, I:I2].t() @ down_up
         del grad_h_cat, grad_h, dy_b
         grad_b_down = (dy.t() @ down_a) * down.scaling  # (C, r)
-        M = weights.gate_up(gate, up, gate_up.dtype)
+        M = weights.gate_up.matrix((gate, up), gate_up.dtype)
         product_beside(d_cat, I2, M[:I2, C:])  # (N, 2r); M's block diagonal of s B_g, s B_u
-        grad_x = d_cat @ M[:, :C]  # (N, C)
+        grad_x = input_grad(ctx.x_shape, d_cat, M[:, :C])  # (N, C), or wider with the spare columns
         del M
         grad_a = d_cat[:, I2:].t() @ x2  # (2r, C): s (dgate B_g)^T x over s (dup B_u)^T x (s is in M's B blocks)
         grad_b_gate, grad_b_up = grad_b_gate * gate.scaling, grad_b_up * up.scaling
-        return (grad_x.view(grad_y.shape[:-1] + (C,)), None, None,
+        return (grad_x, None, None,
                 grad_a[:r].to(dtypes[0]), grad_b_gate.to(dtypes[1]), grad_a[r:].to(dtypes[2]),
                 grad_b_up.to(dtypes[3]), grad_a_down.to(dtypes[4]), grad_b_down.to(dtypes[5]), None)

@@ -1,82 +1,91 @@
-"""LoRA layers that read the same input (q, k and v; gate and up) as one autograd function over one stacked
-weight. For q, k, v:
+"""LoRA layers that read the same input (q, k and v; gate and up) as one autograd function over one matrix.
 
-    [q | k | v] = x W^T + (x A^T) B^T,   W = [W_q; W_k; W_v] (O, C),   A = [A_q; A_k; A_v] (3r, C),
-                                          B = blockdiag(s B_q, s B_k, s B_v) (O, 3r),   O = q_dim + 2 kv_dim
+For k layers with frozen weights W_i (O_i, C), adapters A_i (r, C), B_i (O_i, r) and scaling s, the adapters
+ride in the inner dimension of the base's matmul (K-concatenation). For q, k, v:
 
-Why: three LoRA layers over the same input are three autograd functions and 9 GEMMs forward, 15 backward;
-stacked they are one function and 3 GEMMs forward (x A^T, x W^T, then the update added in place), 5 backward
-(dy B, dy W, the update's share of grad x added in place, grad A, grad B), each over 3x the rows. What that
-saves is mostly host time: a Llama-3.2-1B micro-batch (2 x 2048 tokens) waited on the launching CPU, 77 ms
-launched for 41 ms of GPU work on an H200, and each fused LoRA function call cost 68-85 us of it.
+    [x | x A^T] @ [W | B]^T = [q | k | v],   W = [W_q; W_k; W_v] (O, C),   A = [A_q; A_k; A_v] (3r, C),
+                                             B = blockdiag(s B_q, s B_k, s B_v) (O, 3r),   O = q_dim + 2 kv_dim
 
-A dense base: W is one buffer and the model's weights become views into it (names, values and state_dict
-unchanged, no memory added), as kernels/lora_mlp.py does for gate and up. An NF4 base (QLoRA): the layers are
-dequantised into one (O, C) buffer in forward and again in backward, never kept (kernels/lora_mlp.py does
-the same for gate and up).
-The math is kernels/lora_linear.py's with B block-diagonal; grad B keeps only its diagonal blocks.
+and backward's grad x is one matmul over the same weights:  [dy | dy B] @ [W; A] = grad x.
+
+Both read one matrix M = [[W, B], [A, 0]] (O + kr, C + kr): the forward its first O rows, the backward its
+first C columns. K grows by kr (1.2% for Llama-3.1-8B's q, k, v). Why: the update y += (x A^T) B^T as a pass
+of its own reads and writes all of y (N, O), and grad x += (dy B) A all of grad x (N, C); inside the matmul's
+K they cost 1.2% more of its FLOPs instead. The input needs kr columns beside it: the RMSNorm before it
+leaves them (`rms_norm(spare_columns=...)`, models/llama.py), else x is copied into a wider matrix. The
+backward's [dy | dy B] costs nothing when q, k and v come out as separate outputs: their grads are copied
+into it where autograd would have concatenated them anyway (`separate=True`); a packed output's grad would
+need a copy of its own, so there the backward adds (dy B) A to grad x in place instead.
+
+Three layers over one input are then one function and 2 GEMMs forward (x A^T, then [x | x A^T] M^T), 5
+backward, where three autograd functions ran 9 forward and 15 backward: mostly host time saved (a
+Llama-3.2-1B micro-batch waited on the launching CPU, 77 ms launched for 41 ms of GPU work on an H200, and
+each fused LoRA function call cost 68-85 us of it).
+
+A dense base: M is one buffer and the model's weights become views into it (names, values and state_dict
+unchanged; kr extra rows and columns, 0.4 MiB a layer for 8B's q, k, v). Its adapter blocks are copied from the
+float32 masters whenever these changed (an optimizer step, a loaded adapter). An NF4 base (QLoRA) is
+dequantised into a new M in forward and again in backward (the NF4 kernel writes rows of a wider matrix),
+never kept. The same M serves the MLP's gate and up (kernels/lora_mlp.py).
 """
 
 import torch
 from torch import nn
 
-from .lora_linear import _lora_backward, _lora_forward
-
 
 class StackedWeights:
-    """The stacked W (dense bases), A and B of LoRA layers that share an input."""
+    """M = [[W, blockdiag(s B_i)], [A, 0]] (O + kr, C + kr) of k LoRA layers that share an input."""
 
     def __init__(self, layers):
+        base = layers[0].base_layer
         self.sizes = [m.out_features for m in layers]
+        self.O, self.C, self.k = sum(self.sizes), base.in_features, len(layers)
         self.r = layers[0].lora_A.weight.shape[0]
-        self.W, self._pointers = None, None
-        if isinstance(layers[0].base_layer, nn.Linear):
-            self.W = torch.cat([m.base_layer.weight.detach() for m in layers])  # (O, C)
-            start = 0
-            for m, size in zip(layers, self.sizes):
-                m.base_layer.weight = nn.Parameter(self.W[start:start + size], requires_grad=False)
-                start += size
-            self._pointers = self._weight_pointers(layers)
-        self._adapters_seen, self._adapters = None, None
+        self.quantized = not isinstance(base, nn.Linear)
+        self.M = None
+        self._bases = tuple(m.base_layer for m in layers)
+        if not self.quantized:
+            kr = self.k * self.r
+            self.M = base.weight.new_zeros(self.O + kr, self.C + kr)
+            for m, start, size in self._blocks(layers):
+                with torch.no_grad():
+                    self.M[start:start + size, :self.C].copy_(m.base_layer.weight)
+                m.base_layer.weight = nn.Parameter(self.M[start:start + size, :self.C], requires_grad=False)
+        self._seen = None
 
-    @staticmethod
-    def _weight_pointers(layers) -> tuple:
-        return tuple(m.base_layer.weight.data_ptr() if isinstance(m.base_layer, nn.Linear) else None for m in layers)
+    def _blocks(self, layers):
+        """(layer, first row, rows) of each layer's block of M."""
+        starts = [sum(self.sizes[:i]) for i in range(self.k)]
+        return zip(layers, starts, self.sizes)
 
     def holds(self, layers) -> bool:
-        """False once the model's weights were moved or replaced (model.to(...), a reload): W is stale."""
-        if layers[0].lora_A.weight.shape[0] != self.r:
+        """False once the model's weights were moved or replaced (model.to(...), a reload): M is stale."""
+        if {m.lora_A.weight.shape[0] for m in layers} != {self.r}:
             return False
-        if self.W is None:
-            return not isinstance(layers[0].base_layer, nn.Linear)
-        return self._weight_pointers(layers) == self._pointers
+        if self.quantized:
+            return tuple(m.base_layer for m in layers) == self._bases
+        return all(m.base_layer.weight.data_ptr() == self.M[start].data_ptr() for m, start, _ in self._blocks(layers))
 
-    def weight(self, layers, dtype: torch.dtype) -> torch.Tensor:
-        """W (O, C): the stacked dense weights, or the NF4 layers dequantised into one new buffer."""
-        if self.W is not None:
-            return self.W
-        W = torch.empty(sum(self.sizes), layers[0].in_features, dtype=dtype, device=layers[0].lora_A.weight.device)
-        start = 0
-        for m, size in zip(layers, self.sizes):
-            m.base_layer.dequantize_into(W[start:start + size])
-            start += size
-        return W
-
-    def adapters(self, layers, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (kr, C), blockdiag(s B) (O, kr)) for k layers, in dtype, made again only when the adapters changed."""
+    def matrix(self, layers, dtype: torch.dtype) -> torch.Tensor:
+        """M with the adapters' current values, in dtype (an NF4 base: dequantised into a new M)."""
+        C, O, r, M = self.C, self.O, self.r, self.M
         params = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
-        seen = (dtype,) + tuple((p.data_ptr(), p._version) for p in params) + tuple(m.scaling for m in layers)
-        if seen != self._adapters_seen or not all(m.keep_compute_adapters for m in layers):
-            r = self.r
-            with torch.no_grad():
-                a_w = torch.cat([m.lora_A.weight for m in layers]).to(dtype)
-                b_w = torch.zeros(sum(self.sizes), len(layers) * r, dtype=dtype, device=a_w.device)
-                start = 0
-                for i, (m, size) in enumerate(zip(layers, self.sizes)):
-                    b_w[start:start + size, i * r:(i + 1) * r] = m.lora_B.weight * m.scaling
-                    start += size
-            self._adapters, self._adapters_seen = (a_w, b_w), seen
-        return self._adapters
+        seen = tuple((p.data_ptr(), p._version) for p in params) + tuple(m.scaling for m in layers)
+        # Layers that keep no copies between calls (keep_compute_adapters off: FSDP2, CUDA graphs, lora.py)
+        # have them written on every call.
+        if not self.quantized and seen == self._seen and all(m.keep_compute_adapters for m in layers):
+            return M
+        if self.quantized:
+            M = torch.empty(O + self.k * r, C + self.k * r, dtype=dtype, device=params[0].device)
+            for m, start, size in self._blocks(layers):
+                m.base_layer.dequantize_into(M[start:start + size, :C])
+            M[:O, C:].zero_()  # M[O:, C:] is never read
+        with torch.no_grad():
+            for i, (m, start, size) in enumerate(self._blocks(layers)):
+                M[start:start + size, C + i * r:C + (i + 1) * r].copy_(m.lora_B.weight * m.scaling)
+                M[O + i * r:O + (i + 1) * r, :C].copy_(m.lora_A.weight)
+        self._seen = None if self.quantized else seen
+        return M
 
 
 def can_stack(layers, x: torch.Tensor) -> bool:
@@ -88,38 +97,101 @@ def can_stack(layers, x: torch.Tensor) -> bool:
             and len({m.lora_A.weight.shape[0] for m in layers}) == 1 and len({m.scaling for m in layers}) == 1)
 
 
-def lora_stacked(x: torch.Tensor, weights: StackedWeights, layers) -> torch.Tensor:
-    """x (..., C) -> [y_1 | ... | y_k] (..., O), y_i = layers[i](x) (LoRA layers, see can_stack). Split it with
-    .split(weights.sizes, -1): autograd then joins their grads into one (N, O) for the backward here."""
-    a_w, b_w = weights.adapters(layers, x.dtype)
+def spare_columns(layers) -> int:
+    """The columns the stacked function writes beside its input (x A^T, kr): what the norm before it leaves."""
+    return len(layers) * layers[0].lora_A.weight.shape[0]
+
+
+def product_beside(cat: torch.Tensor, K: int, weight: torch.Tensor) -> None:
+    """cat[:, K:] = cat[:, :K] @ weight: a product of a matrix's first K columns written beside them (x A^T
+    beside x, dy B beside dy). Those columns are zeroed first: PyTorch 2.13's CPU matmul in bf16 reads a
+    column slice's rows past its K columns and multiplies the excess by zeros, so unset memory there that
+    happens to hold a NaN turned the product NaN (a flaky CPU test); on a GPU the zeros are one (N, kr) fill."""
+    cat[:, K:].zero_()
+    cat[:, K:] = cat[:, :K] @ weight
+
+
+def with_adapter_input(x: torch.Tensor, C: int, A: torch.Tensor) -> torch.Tensor:
+    """x (..., C), or (..., C + kr) with kr unset columns (see spare_columns) -> [x | x A^T] (N, C + kr),
+    A (kr, C): written into x's own spare columns, else into a new matrix that x is copied into."""
+    kr = A.shape[0]
+    if x.shape[-1] == C + kr:
+        # A view of x detached: autograd forbids saving a view, made without grad, of an input it tracks and
+        # writes into (the autograd functions here compute x's grad themselves).
+        x_cat = x.detach().view(-1, C + kr)  # the norm's output is contiguous
+    else:
+        x_cat = torch.empty(x.numel() // C, C + kr, dtype=x.dtype, device=x.device)
+        x_cat[:, :C] = x.reshape(-1, C)
+    product_beside(x_cat, C, A.t())  # (N, kr)
+    return x_cat
+
+
+def input_grad(x_shape: torch.Size, d_cat: torch.Tensor, M_columns: torch.Tensor) -> torch.Tensor:
+    """grad x = d_cat @ M_columns (N, C) in x's shape: for an input with spare columns, written into the first C
+    columns of a wider grad whose spare columns are zero (the norm's backward reads only the first C)."""
+    C = M_columns.shape[1]
+    if x_shape[-1] == C:
+        return (d_cat @ M_columns).view(x_shape)
+    grad = torch.empty(d_cat.shape[0], x_shape[-1], dtype=d_cat.dtype, device=d_cat.device)
+    torch.mm(d_cat, M_columns, out=grad[:, :C])
+    grad[:, C:].zero_()
+    return grad.view(x_shape)
+
+
+def lora_stacked(x: torch.Tensor, weights: StackedWeights, layers, separate: bool = False):
+    """x (..., C) or (..., C + kr) with spare columns -> [y_1 | ... | y_k] (..., O), y_i = layers[i](x) (LoRA
+    layers, see can_stack); separate: the tuple (y_1, ..., y_k) of views into it, which makes backward's
+    [dy | dy B] free (see the module docstring). Split a packed result with .split(weights.sizes, -1)."""
     params = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
-    return _StackedLoRA.apply(x, weights, tuple(layers), a_w, b_w, *params)
+    return _StackedLoRA.apply(x, weights, tuple(layers), separate, *params)
 
 
 class _StackedLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, layers, a_w, b_w, *params):
-        W = weights.weight(layers, x.dtype)
-        y, down = _lora_forward(x.reshape(-1, x.shape[-1]), W, None, a_w, b_w)  # (N, O), (N, kr)
-        ctx.save_for_backward(x, a_w, b_w, down, *([W] if weights.W is not None else []))
-        ctx.weights, ctx.layers = weights, layers  # an NF4 base is dequantised again in backward
+    def forward(ctx, x, weights, layers, separate, *params):
+        C, O = weights.C, weights.O
+        M = weights.matrix(layers, x.dtype)  # (O + kr, C + kr)
+        x_cat = with_adapter_input(x, C, M[O:, :C])  # (N, C + kr): [x | x A^T]
+        y = x_cat @ M[:O].t()  # (N, O), the update included
+        ctx.save_for_backward(x_cat, *([] if weights.quantized else [M]))
+        ctx.weights, ctx.layers, ctx.separate, ctx.x_shape = weights, layers, separate, x.shape
         ctx.param_dtypes = tuple(p.dtype for p in params)
-        return y.view(*x.shape[:-1], -1)
+        y = y.view(*x.shape[:-1], O)
+        return y.split(weights.sizes, -1) if separate else y
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, a_w, b_w, down, *saved = ctx.saved_tensors
+    def backward(ctx, *grads):
+        x_cat, *saved = ctx.saved_tensors
         weights, r = ctx.weights, ctx.weights.r
-        W = (saved[0] if saved else weights.weight(ctx.layers, x.dtype)) if ctx.needs_input_grad[0] else None
+        C, O = weights.C, weights.O
+        M = saved[0] if saved else weights.matrix(ctx.layers, x_cat.dtype)  # an NF4 base: dequantised again
+        N, x_shape = x_cat.shape[0], ctx.x_shape
+        if ctx.separate:  # [dy | dy B] (N, O + kr): the grads copied where autograd would have joined them
+            d_cat = torch.empty(N, O + weights.k * r, dtype=x_cat.dtype, device=x_cat.device)
+            for grad, (_, start, size) in zip(grads, weights._blocks(ctx.layers)):
+                if grad is None:
+                    d_cat[:, start:start + size].zero_()
+                else:
+                    d_cat[:, start:start + size] = grad.reshape(N, size)
+            product_beside(d_cat, O, M[:O, C:])  # (N, kr): dy blockdiag(s B_i)
+            dy, dy_b = d_cat[:, :O], d_cat[:, O:]
+            grad_x = input_grad(x_shape, d_cat, M[:, :C]) if ctx.needs_input_grad[0] else None
+        else:  # one packed grad: (dy B) A added to dy W in place rather than dy copied beside dy B
+            dy = grads[0].reshape(N, O).to(x_cat.dtype)
+            dy_b = dy @ M[:O, C:]  # (N, kr)
+            grad_x = None
+            if ctx.needs_input_grad[0] and x_shape[-1] == C:
+                grad_x = dy @ M[:O, :C]  # (N, C)
+                grad_x = grad_x.addmm_(dy_b, M[O:, :C]).view(x_shape)
+            elif ctx.needs_input_grad[0]:  # an input with spare columns
+                grad_x = input_grad(x_shape, torch.cat([dy, dy_b], 1), M[:, :C])
+        del M
+        grad_a = dy_b.t() @ x_cat[:, :C]  # (kr, C): s (dy_i B_i)^T x (s is in M's B blocks)
         # grad B_i = s dy_i^T (x A_i^T): the diagonal blocks of dy^T (x A^T), computed whole (k times the
-        # needed blocks: 1.2% of dy W's FLOPs for 8B's q, k, v, against 0.4% for the blocks alone), scaled below.
-        grad_x, grad_a, grad_b = _lora_backward(grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]),
-                                                W, a_w, b_w, down, 1.0, ctx.needs_input_grad[0],
-                                                (torch.float32, torch.float32))
-        grads, start = [], 0
-        for i, (m, size) in enumerate(zip(ctx.layers, weights.sizes)):
-            grads.append(grad_a[i * r:(i + 1) * r].to(ctx.param_dtypes[2 * i]))  # (r, C)
-            block = grad_b[start:start + size, i * r:(i + 1) * r] * m.scaling  # (size, r)
-            grads.append(block.to(ctx.param_dtypes[2 * i + 1]))
-            start += size
-        return (None if grad_x is None else grad_x.view(x.shape), None, None, None, None, *grads)
+        # needed blocks: 1.2% of dy W's FLOPs for 8B's q, k, v, against 0.4% for the blocks alone).
+        grad_b = dy.t() @ x_cat[:, C:]  # (O, kr)
+        out = []
+        for i, (m, start, size) in enumerate(weights._blocks(ctx.layers)):
+            out.append(grad_a[i * r:(i + 1) * r].to(ctx.param_dtypes[2 * i]))  # (r, C)
+            out.append((grad_b[start:start + size, i * r:(i + 1) * r] * m.scaling).to(ctx.param_dtypes[2 * i + 1]))
+        return (grad_x, None, None, None, *out)

@@ -44,7 +44,7 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(
         x_ptr, residual_ptr, weight_ptr, out_ptr, total_ptr, rstd_ptr,
-        n_rows, n_cols, x_stride, residual_stride, eps,
+        n_rows, n_cols, x_stride, residual_stride, out_stride, eps,
         HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (R,)
@@ -64,7 +64,7 @@ if triton is not None:
         weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         normed = (x * rstd[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)  # the reference's cast
         out = (normed * weight[None, :]).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows64 * n_cols + cols[None, :], out, mask=mask)
+        tl.store(out_ptr + rows64 * out_stride + cols[None, :], out, mask=mask)
 
     @triton.jit
     def _backward_kernel(
@@ -135,15 +135,16 @@ def _check(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> None:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} or residual does not fit x {tuple(x.shape)}")
 
 
-def _forward(x, residual, weight, eps):
-    """Triton. -> (normed, total or None, rstd (...,) float32), all new tensors."""
+def _forward(x, residual, weight, eps, spare_columns: int = 0):
+    """Triton. -> (normed (..., C + spare_columns), total or None, rstd (...,) float32), all new tensors; the
+    spare columns are left unset."""
     if triton is None:
         raise RuntimeError("the Triton path needs the triton package (pip install triton)")
     _check(x, weight, residual)
     x2 = _rows(x)  # (N, C)
     n_rows, n_cols = x2.shape
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    total = torch.empty_like(out) if residual is not None else None
+    out = torch.empty(*x.shape[:-1], n_cols + spare_columns, dtype=x.dtype, device=x.device)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return out, total, rstd
@@ -151,14 +152,15 @@ def _forward(x, residual, weight, eps):
     block_rows, block_c, num_warps = _launch_config(n_rows, n_cols)
     _forward_kernel[(triton.cdiv(n_rows, block_rows),)](
         x2, residual2, weight, out, total if total is not None else out, rstd,
-        n_rows, n_cols, x2.stride(0), residual2.stride(0), eps,
+        n_rows, n_cols, x2.stride(0), residual2.stride(0), n_cols + spare_columns, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out, total, rstd
 
 
 def _backward(grad_out, grad_total, x, weight, rstd, weight_needs_grad: bool):
-    """Triton. x is what was normalised (the total, for add_rms_norm). -> (grad_x, grad_weight or None)."""
+    """Triton. x is what was normalised (the total, for add_rms_norm); grad_out's rows may be wider than x's
+    (spare columns, whose grads are not read). -> (grad_x, grad_weight or None)."""
     grad_out2, x2 = _rows(grad_out), _rows(x)  # (N, C)
     n_rows, n_cols = x2.shape
     grad_total2 = _rows(grad_total) if grad_total is not None else grad_out2
@@ -185,8 +187,8 @@ class _AddRMSNormTriton(torch.autograd.Function):
     """The Triton path with autograd; residual None is plain rms_norm (its total output is then None)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        out, total, rstd = _forward(x, residual, weight, eps)
+    def forward(ctx, x, residual, weight, eps, spare_columns):
+        out, total, rstd = _forward(x, residual, weight, eps, spare_columns)
         ctx.save_for_backward(x if total is None else total, weight, rstd)
         return out, total
 
@@ -194,17 +196,18 @@ class _AddRMSNormTriton(torch.autograd.Function):
     def backward(ctx, grad_out, grad_total):
         normalised, weight, rstd = ctx.saved_tensors
         grad, grad_weight = _backward(grad_out, grad_total, normalised, weight, rstd, ctx.needs_input_grad[2])
-        return grad, grad if ctx.needs_input_grad[1] else None, grad_weight, None
+        return grad, grad if ctx.needs_input_grad[1] else None, grad_weight, None, None
 
 
-def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """reference.rms_norm through the Triton kernels, forward and backward, on any device."""
-    return _AddRMSNormTriton.apply(x, None, weight, eps)[0]
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, spare_columns: int = 0) -> Tensor:
+    """reference.rms_norm through the Triton kernels, forward and backward, on any device (spare_columns: see
+    `rms_norm`)."""
+    return _AddRMSNormTriton.apply(x, None, weight, eps, spare_columns)[0]
 
 
-def add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float):
+def add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float, spare_columns: int = 0):
     """reference.add_rms_norm through the Triton kernels: -> (rms_norm(x + residual), x + residual)."""
-    return _AddRMSNormTriton.apply(x, residual, weight, eps)
+    return _AddRMSNormTriton.apply(x, residual, weight, eps, spare_columns)
 
 
 # ---- the ops: torch.compile, the meta device and FSDP2 see through them ----
@@ -305,18 +308,30 @@ _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_setup_rms_norm
 _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_setup_add_rms_norm)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """reference.rms_norm as the op lorafit::rms_norm. x: (..., C); weight: (C,) in x's dtype."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, spare_columns: int = 0) -> Tensor:
+    """reference.rms_norm as the op lorafit::rms_norm. x: (..., C); weight: (C,) in x's dtype.
+
+    spare_columns (eager CUDA only): the result is (..., C + spare_columns), the normed rows followed by that
+    many unset columns, for the next function to fill without copying the rows into a wider matrix (the
+    fused LoRA functions write x A^T there: kernels/lora_stacked.py); the grads of those columns are ignored."""
     _check(x, weight)
     if eager_cuda(x):
-        return _AddRMSNormTriton.apply(x, None, weight, eps)[0]
+        return _AddRMSNormTriton.apply(x, None, weight, eps, spare_columns)[0]
+    _no_spare_columns(spare_columns)
     return _rms_norm_op(x, weight, eps)[0]
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float):
-    """reference.add_rms_norm as the op lorafit::add_rms_norm: -> (rms_norm(x + residual), x + residual)."""
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, spare_columns: int = 0):
+    """reference.add_rms_norm as the op lorafit::add_rms_norm: -> (rms_norm(x + residual), x + residual);
+    spare_columns as in `rms_norm`."""
     _check(x, weight, residual)
     if eager_cuda(x):
-        return _AddRMSNormTriton.apply(x, residual, weight, eps)
+        return _AddRMSNormTriton.apply(x, residual, weight, eps, spare_columns)
+    _no_spare_columns(spare_columns)
     out, total, _ = _add_rms_norm_op(x, residual, weight, eps)
     return out, total
+
+
+def _no_spare_columns(spare_columns: int) -> None:
+    if spare_columns:
+        raise ValueError("spare_columns needs the eager CUDA path (the ops return rows of C columns)")

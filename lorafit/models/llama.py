@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import eager_cuda
 from ..kernels.cross_entropy import linear_cross_entropy
 from ..kernels.lora_mlp import FusedMLPWeights, can_fuse, lora_mlp
-from ..kernels.lora_stacked import StackedWeights, can_stack, lora_stacked
+from ..kernels.lora_stacked import StackedWeights, can_stack, lora_stacked, spare_columns
 from ..kernels.rms_norm import add_rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
@@ -58,16 +59,27 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.qkv_weights: StackedWeights | None = None  # made on the first stacked LoRA training pass
 
-    def project(self, x):
-        """x (B, T, C) -> q (B, T, H, D), k and v (B, T, Hkv, D), q and k normalised where the family does."""
-        B, T, _ = x.shape
-        # In training mode with or without grad, as the MLP (an offloaded layer's two forwards round alike).
+    def _stacked_layers(self, x) -> tuple | None:
+        """q, k and v when they run as one function over one matrix (kernels/lora_stacked.py): LoRA training on
+        CUDA, in training mode with or without grad, as the MLP (an offloaded layer's two forwards round alike)."""
         layers = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fused_lora and x.is_cuda and self.training and can_stack(layers, x):
+        return layers if self.fused_lora and x.is_cuda and self.training and can_stack(layers, x) else None
+
+    def spare_input_columns(self, x) -> int:
+        """Columns the stacked q, k, v fill beside their input (x A^T): what input_layernorm may leave."""
+        layers = self._stacked_layers(x)
+        return spare_columns(layers) if layers else 0
+
+    def project(self, x):
+        """x (B, T, C), or (B, T, C + spare_input_columns) from the norm -> q (B, T, H, D), k and v
+        (B, T, Hkv, D), q and k normalised where the family does."""
+        B, T, _ = x.shape
+        layers = self._stacked_layers(x)
+        if layers:
             if self.qkv_weights is None or not self.qkv_weights.holds(layers):
                 self.qkv_weights = StackedWeights(layers)
-            qkv = lora_stacked(x, self.qkv_weights, layers)  # (B, T, q_dim + 2 kv_dim)
-            q, k, v = qkv.split(self.qkv_weights.sizes, dim=-1)  # views: rope reads q and k in place
+            # Views into one (B, T, q_dim + 2 kv_dim) output: rope reads q and k in place.
+            q, k, v = lora_stacked(x, self.qkv_weights, layers, separate=True)
             # Attention keeps v for backward, and a view would keep all of qkv: 10 KB a token and layer more
             # for Llama-3.1-8B (1.3 GiB at 2 x 2048 tokens over 32 layers), for an 8 MB copy.
             v = v.contiguous()
@@ -140,13 +152,22 @@ class MLP(nn.Module):
             return tiled_mlp(self._forward_untiled, x, params, self.tile_chunk_tokens)
         return self._forward_untiled(x)
 
+    def _fused_layers(self, x) -> tuple | None:
+        """gate, up and down when they run as one function (kernels/lora_mlp.py): LoRA training on CUDA, in
+        training mode with or without grad (an offloaded layer's forward without grad and its recomputation
+        with grad then round alike, and give bit-identical activations)."""
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        return layers if self.fused_lora and x.is_cuda and self.training and can_fuse(*layers, x) else None
+
+    def spare_input_columns(self, x) -> int:
+        """Columns the fused LoRA MLP fills beside its input (x A^T, untiled): what the norm before may leave."""
+        layers = self._fused_layers(x)
+        return spare_columns(layers[:2]) if layers and not self.tiles(x.numel() // x.shape[-1]) else 0
+
     def _forward_untiled(self, x):
-        """x (..., C) -> (..., C), all rows at once."""
-        # In training mode with or without grad: an offloaded layer's forward (no grad) and its recomputation
-        # (grad) then round alike, and give bit-identical activations.
-        if (self.fused_lora and x.is_cuda and self.training
-                and can_fuse(self.gate_proj, self.up_proj, self.down_proj, x)):
-            layers = (self.gate_proj, self.up_proj, self.down_proj)
+        """x (..., C), or (..., C + spare_input_columns) from the norm -> (..., C), all rows at once."""
+        layers = self._fused_layers(x)
+        if layers:
             if self.fused_weights is None or not self.fused_weights.holds(*layers):
                 self.fused_weights = FusedMLPWeights(*layers)
             return lora_mlp(x, self.fused_weights, *layers)
@@ -175,14 +196,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+        norm = self.input_layernorm
+        h = norm(x, self._spare_columns(norm, self.self_attn, x))
+        attended = self.self_attn(h, cos, sin, mask, cache, layer_idx)
         norm = self.post_attention_layernorm
-        if norm.fused and x.is_cuda and x.dtype == attended.dtype == norm.weight.dtype:
-            h, x = add_rms_norm(attended, x, norm.weight, norm.eps)  # the residual add inside the norm kernel
+        if norm.fuses(x) and x.dtype == attended.dtype:
+            # The residual add inside the norm kernel.
+            h, x = add_rms_norm(attended, x, norm.weight, norm.eps, self._spare_columns(norm, self.mlp, x))
         else:
             x = x + attended
             h = norm(x)
         return x + self.mlp(h)
+
+    @staticmethod
+    def _spare_columns(norm, block, x) -> int:
+        """Where the block after a norm runs a fused LoRA function, the norm leaves the columns beside its output
+        that the function fills with x A^T (kernels/lora_stacked.py): no copy of x into a wider matrix."""
+        return block.spare_input_columns(x) if norm.fuses(x) and eager_cuda(x) else 0
 
 
 class DecoderStack(nn.Module):

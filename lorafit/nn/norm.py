@@ -15,9 +15,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda and x.dtype == self.weight.dtype:
-            return rms_norm(x, self.weight, self.eps)
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether x takes the Triton kernel."""
+        return self.fused and x.is_cuda and x.dtype == self.weight.dtype
+
+    def forward(self, x: torch.Tensor, spare_columns: int = 0) -> torch.Tensor:
+        """x (..., C) -> (..., C), or (..., C + spare_columns) with that many unset columns for the next function
+        to fill (kernels/rms_norm.py; only where the kernel runs in eager mode)."""
+        if self.fuses(x):
+            return rms_norm(x, self.weight, self.eps, spare_columns)
+        if spare_columns:
+            raise ValueError("spare_columns needs the fused kernel on CUDA")
         if x.dtype == torch.float32:  # one fused op; same math, no casts to round
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
