@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One device call's measurements, by stage, on the GPU machine (the `device` tool runs it in a copy of the
+# checkout). The anchor harness must travel with it: copy ../shared/bench into .anchor/ here, exclude it from
+# git (echo /.anchor/ >> .git/info/exclude) and pass carry [".anchor"]. Every stage writes under $OUT, which
+# comes back; benchmarks/record_device_call.py N DIR then appends it all to results.jsonl as device call N.
+#
+#   bash benchmarks/device_call.sh tests        the GPU tests of the kernels, the model, graphs, offloading,
+#                                               the tiled MLP, SFT and QLoRA (~3 min)
+#   bash benchmarks/device_call.sh speed-8b     Llama-3.1-8B speed mode, LoRA and QLoRA: Unsloth without
+#                                               checkpointing (the harness), then lorafit at Unsloth's peak
+#                                               (~9 min; 3 timed steps after 1 warm-up, as calls 16-38)
+#   bash benchmarks/device_call.sh regress-1b   Llama-3.2-1B, lorafit alone at the budgets of calls 29-30
+#                                               (Unsloth's peaks there): the four 1B rows still hold (~4 min)
+#   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer, and other tilings
+#                                               of its kernel (benchmarks/nf4_dequantize.py --sweep, ~1 min)
+#
+# Stages run in the order given; each call of the `device` tool has 10 minutes, so one or two per call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?run on the device machine: OUT is where results come back}"
+ANCHOR=.anchor
+MODEL_DIR=${TMPDIR:-/tmp}/anchor_models
+export ANCHOR_SITE_ROOT=${TMPDIR:-/tmp}/anchor_site PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_DISABLED=true
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+unpack_harness() {
+  [ -f "$ANCHOR/anchor_bench.py" ] || { echo "[device_call] no $ANCHOR/: carry it (see the top)"; exit 2; }
+  if [ ! -d "$ANCHOR_SITE_ROOT/site_unsloth" ]; then
+    mkdir -p "$ANCHOR_SITE_ROOT" && tar -C "$ANCHOR_SITE_ROOT" -xJf "$ANCHOR/sites.tar.xz"
+  fi
+}
+
+make_model() {  # $1: harness preset
+  python3 "$ANCHOR/anchor_bench.py" make-model --model "$1" --model-dir "$MODEL_DIR" | tail -1
+}
+
+unsloth_peak() {  # $1 system, $2 model: the peak GiB of its last row in the harness's results
+  python3 - "$1" "$2" "$OUT/anchor_results.jsonl" <<'EOF'
+import json, sys
+system, model, path = sys.argv[1:]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+rows = [r for r in rows if r.get("kind") == "train" and r["system"] == system and r["model"] == model]
+print(rows[-1]["peak_alloc_GiB"] if rows and rows[-1].get("status", "ok") == "ok" else "")
+EOF
+}
+
+speed_pair() {  # $1 harness system, $2 preset, $3 extra lorafit flags
+  timeout -k 15 300 python3 "$ANCHOR/anchor_bench.py" train --system "$1" --model "$2" --model-dir "$MODEL_DIR" \
+    --no-gc --warmup 1 --steps 3 --out "$OUT/anchor_results.jsonl" 2>&1 | tail -3
+  local peak
+  peak=$(unsloth_peak "$1" "$2")
+  if [ -z "$peak" ]; then echo "[device_call] no $1 row for $2: lorafit not run"; return; fi
+  # shellcheck disable=SC2086
+  timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/$2" --memory-budget "$peak" \
+    --warmup 1 --steps 3 --results "$OUT/results.jsonl" $3 2>&1 | tail -4
+}
+
+for stage in "$@"; do
+  echo "[device_call] $stage at $(date -u +%H:%M:%S)"
+  case $stage in
+    tests)
+      python3 -m pytest -q -m gpu tests/test_kernels_*.py tests/test_cuda_graphs.py tests/test_checkpointing.py \
+        tests/test_tiled_mlp.py tests/test_sft_gpu.py tests/test_qlora.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+      ;;
+    speed-8b)
+      unpack_harness && make_model llama-3.1-8b
+      speed_pair unsloth llama-3.1-8b ""
+      speed_pair unsloth-qlora llama-3.1-8b "--qlora"
+      ;;
+    regress-1b)
+      unpack_harness && make_model llama-3.2-1b
+      # Unsloth's peaks in calls 29 (memory mode, with checkpointing) and 30 (speed mode).
+      for args in "--memory-budget 3.12" "--memory-budget 1.77 --qlora" "--memory-budget 6.77" \
+                  "--memory-budget 5.42 --qlora"; do
+        # shellcheck disable=SC2086
+        timeout -k 15 200 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/llama-3.2-1b" $args --warmup 2 \
+          --steps 5 --results "$OUT/results.jsonl" 2>&1 | tail -2
+      done
+      ;;
+    nf4-sweep)
+      python3 benchmarks/nf4_dequantize.py --sweep 2>&1 | tee "$OUT/nf4_sweep.txt"
+      ;;
+    *) echo "[device_call] unknown stage $stage (tests, speed-8b, regress-1b, nf4-sweep)"; exit 2 ;;
+  esac
+done
