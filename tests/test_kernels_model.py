@@ -85,6 +85,34 @@ def test_fused_model_close_to_plain_model_bfloat16_autocast():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_autocast"])
+def test_training_mode_takes_the_fused_lora_functions_and_equals_the_plain_model(family, dtype):
+    """In training mode q, k, v run as one function and the MLP as one (kernels/lora_stacked.py, lora_mlp.py),
+    each reading [x | x A^T] from the norm's own output: the norm leaves the spare columns they fill."""
+    model = _lora_model(family, "cuda", dtype).train()
+    layer, C, r = model.model.layers[0], model.config.hidden_size, 4
+    widths = {}
+    for block in (layer.self_attn, layer.mlp):
+        block.register_forward_pre_hook(lambda m, args: widths.__setitem__(type(m).__name__, args[0].shape[-1]))
+    autocast = torch.bfloat16 if dtype == torch.bfloat16 else None
+    loss, grads = _loss_and_grads(model, False, "cuda", autocast)
+    assert widths == {"Attention": C, "MLP": C}
+    loss2, grads2 = _loss_and_grads(model, True, "cuda", autocast)
+    stacked = family != "qwen2"  # Qwen2's q, k, v biases take the separate layers' path
+    assert widths == {"Attention": C + 3 * r if stacked else C, "MLP": C + 2 * r}
+    assert (layer.self_attn.qkv_weights is not None) == stacked and layer.mlp.fused_weights is not None
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads2[name], grads[name], rtol=1e-4, atol=1e-5)
+        return
+    torch.testing.assert_close(loss2, loss, rtol=2e-2, atol=2e-2)
+    for name in grads:
+        assert (grads2[name] - grads[name]).norm() <= 0.05 * grads[name].norm() + 1e-6, name
+
+
+@pytest.mark.gpu
 def test_packed_documents_through_varlen_attention_equal_the_block_mask():
     from lorafit.data.packing import collate
     from lorafit.models.llama import PackedDocuments
