@@ -9,24 +9,25 @@ ride in the inner dimension of the base's matmul (K-concatenation). For q, k, v:
 and backward's grad x is one matmul over the same weights:  [dy | dy B] @ [W; A] = grad x.
 
 Both read one matrix M = [[W, B], [A, 0]] (O + kr, C + kr): the forward its first O rows, the backward its
-first C columns. K grows by kr (1.2% for Llama-3.1-8B's q, k, v). Why: the update y += (x A^T) B^T as a pass
-of its own reads and writes all of y (N, O), and grad x += (dy B) A all of grad x (N, C); inside the matmul's
-K they cost 1.2% more of its FLOPs instead. The input needs kr columns beside it: the RMSNorm before it
+first C columns. Why: K grows by kr, 1.2% more FLOPs for Llama-3.1-8B's q, k, v, where the update as a pass
+of its own, y += (x A^T) B^T, reads and writes all of y (N, O), and grad x += (dy B) A all of grad x (N, C).
+The input needs kr columns beside it: the RMSNorm before it
 leaves them (`rms_norm(spare_columns=...)`, models/llama.py), else x is copied into a wider matrix. The
 backward's [dy | dy B] costs nothing when q, k and v come out as separate outputs: their grads are copied
 into it where autograd would have concatenated them anyway (`separate=True`); a packed output's grad would
 need a copy of its own, so there the backward adds (dy B) A to grad x in place instead.
 
-Three layers over one input are then one function and 2 GEMMs forward (x A^T, then [x | x A^T] M^T), 5
-backward, where three autograd functions ran 9 forward and 15 backward: mostly host time saved (a
-Llama-3.2-1B micro-batch waited on the launching CPU, 77 ms launched for 41 ms of GPU work on an H200, and
-each fused LoRA function call cost 68-85 us of it).
+Three layers over one input are then one function and 2 GEMMs forward (x A^T, then [x | x A^T] M^T), 4
+backward (dy B, grad x, grad A, grad B), where three autograd functions ran 9 forward and 15 backward:
+mostly host time saved (a Llama-3.2-1B micro-batch waited on the launching CPU, 77 ms launched for 41 ms
+of GPU work on an H200, and each fused LoRA function call cost 68-85 us of it).
 
 A dense base: M is one buffer and the model's weights become views into it (names, values and state_dict
-unchanged; kr extra rows and columns, 0.4 MiB a layer for 8B's q, k, v). Its adapter blocks are copied from the
-float32 masters whenever these changed (an optimizer step, a loaded adapter). An NF4 base (QLoRA) is
-dequantised into a new M in forward and again in backward (the NF4 kernel writes rows of a wider matrix),
-never kept. The same M serves the MLP's gate and up (kernels/lora_mlp.py).
+unchanged; the kr extra rows and columns, mostly the adapters themselves, take 0.9 MiB a layer for 8B's q,
+k, v and 2.0 MiB for its gate and up). Its adapter blocks are copied from the float32 masters whenever these
+changed (an optimizer step, a loaded adapter). An NF4 base (QLoRA) is dequantised into a new M in forward
+and again in backward (the NF4 kernel writes rows of a wider matrix), never kept. The same M serves the
+MLP's gate and up (kernels/lora_mlp.py).
 """
 
 import torch
