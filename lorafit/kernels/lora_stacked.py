@@ -11,11 +11,11 @@ and backward's grad x is one matmul over the same weights:  [dy | dy B] @ [W; A]
 Both read one matrix M = [[W, B], [A, 0]] (O + kr, C + kr): the forward its first O rows, the backward its
 first C columns. Why: K grows by kr, 1.2% more FLOPs for Llama-3.1-8B's q, k, v, where the update as a pass
 of its own, y += (x A^T) B^T, reads and writes all of y (N, O), and grad x += (dy B) A all of grad x (N, C).
-The input needs kr columns beside it: the RMSNorm before it
-leaves them (`rms_norm(spare_columns=...)`, models/llama.py), else x is copied into a wider matrix. The
-backward's [dy | dy B] costs nothing when q, k and v come out as separate outputs: their grads are copied
-into it where autograd would have concatenated them anyway (`separate=True`); a packed output's grad would
-need a copy of its own, so there the backward adds (dy B) A to grad x in place instead.
+The input needs kr columns beside it: the RMSNorm before it leaves them (`rms_norm(spare_columns=...)`,
+models/llama.py), else x is copied into a wider matrix. The backward's [dy | dy B] costs nothing when q, k
+and v come out as separate outputs: their grads are copied into it where autograd would have concatenated
+them anyway (`separate=True`); a packed output's grad would need a copy of its own, so there the backward
+adds (dy B) A to grad x in place instead.
 
 Three layers over one input are then one function and 2 GEMMs forward (x A^T, then [x | x A^T] M^T), 4
 backward (dy B, grad x, grad A, grad B), where three autograd functions ran 9 forward and 15 backward:
