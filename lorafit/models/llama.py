@@ -59,23 +59,23 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.qkv_weights: StackedWeights | None = None  # made on the first stacked LoRA training pass
 
-    def _stacked_layers(self, x) -> tuple | None:
-        """q, k and v when they run as one function over one matrix (kernels/lora_stacked.py): LoRA training on
+    def _stacks(self, x) -> bool:
+        """Whether q, k and v run as one function over one matrix (kernels/lora_stacked.py): LoRA training on
         CUDA, in training mode with or without grad, as the MLP (an offloaded layer's two forwards round alike)."""
-        layers = (self.q_proj, self.k_proj, self.v_proj)
-        return layers if self.fused_lora and x.is_cuda and self.training and can_stack(layers, x) else None
+        return self.fused_lora and x.is_cuda and self.training and can_stack((self.q_proj, self.k_proj, self.v_proj), x)
 
     def spare_input_columns(self, x) -> int:
         """Columns the stacked q, k, v fill beside their input (x A^T): what input_layernorm may leave."""
-        layers = self._stacked_layers(x)
-        return spare_columns(layers) if layers else 0
+        return spare_columns((self.q_proj, self.k_proj, self.v_proj)) if self._stacks(x) else 0
 
     def project(self, x):
         """x (B, T, C), or (B, T, C + spare_input_columns) from the norm -> q (B, T, H, D), k and v
         (B, T, Hkv, D), q and k normalised where the family does."""
-        B, T, _ = x.shape
-        layers = self._stacked_layers(x)
-        if layers:
+        B, T, width = x.shape
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        # With spare columns the decoder layer has found already that the stacked function runs: asking again
+        # costs ~20 us of host time a layer, which a small model's eager step waits on.
+        if width != self.q_proj.in_features or self._stacks(x):
             if self.qkv_weights is None or not self.qkv_weights.holds(layers):
                 self.qkv_weights = StackedWeights(layers)
             # Views into one (B, T, q_dim + 2 kv_dim) output: rope reads q and k in place.
@@ -152,22 +152,22 @@ class MLP(nn.Module):
             return tiled_mlp(self._forward_untiled, x, params, self.tile_chunk_tokens)
         return self._forward_untiled(x)
 
-    def _fused_layers(self, x) -> tuple | None:
-        """gate, up and down when they run as one function (kernels/lora_mlp.py): LoRA training on CUDA, in
+    def _fuses(self, x) -> bool:
+        """Whether gate, up and down run as one function (kernels/lora_mlp.py): LoRA training on CUDA, in
         training mode with or without grad (an offloaded layer's forward without grad and its recomputation
         with grad then round alike, and give bit-identical activations)."""
-        layers = (self.gate_proj, self.up_proj, self.down_proj)
-        return layers if self.fused_lora and x.is_cuda and self.training and can_fuse(*layers, x) else None
+        return (self.fused_lora and x.is_cuda and self.training
+                and can_fuse(self.gate_proj, self.up_proj, self.down_proj, x))
 
     def spare_input_columns(self, x) -> int:
         """Columns the fused LoRA MLP fills beside its input (x A^T, untiled): what the norm before may leave."""
-        layers = self._fused_layers(x)
-        return spare_columns(layers[:2]) if layers and not self.tiles(x.numel() // x.shape[-1]) else 0
+        untiled = not self.tiles(x.numel() // x.shape[-1])
+        return spare_columns((self.gate_proj, self.up_proj)) if untiled and self._fuses(x) else 0
 
     def _forward_untiled(self, x):
         """x (..., C), or (..., C + spare_input_columns) from the norm -> (..., C), all rows at once."""
-        layers = self._fused_layers(x)
-        if layers:
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        if x.shape[-1] != self.gate_proj.in_features or self._fuses(x):  # spare columns: as in Attention.project
             if self.fused_weights is None or not self.fused_weights.holds(*layers):
                 self.fused_weights = FusedMLPWeights(*layers)
             return lora_mlp(x, self.fused_weights, *layers)
