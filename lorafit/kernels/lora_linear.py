@@ -114,9 +114,8 @@ class _SwiGLULoRALinear(torch.autograd.Function):
         grad_up = None if up is None else torch.empty_like(grad_gate)
         g, u = split_gate_up(rows(gate), None if up is None else rows(up))
         dg, du = split_gate_up(rows(grad_gate), None if up is None else rows(grad_up))
-        grad_a, grad_b, _ = swiglu_lora.down_and_swiglu_backward(rows(grad_y), weight, a_w, b_w, down, ctx.scaling,
-                                                                 g, u, dg, du)
-        del weight
+        grad_a, grad_b = swiglu_lora.down_and_swiglu_backward(rows(grad_y), weight, a_w, b_w, down, ctx.scaling,
+                                                              g, u, dg, du)
         grad_a, grad_b = grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1])
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import swiglu_lora
-from .lora_stacked import StackedWeights, can_stack, input_grad, product_beside, with_adapter_input
+from .lora_stacked import StackedWeights, adapter_versions, can_stack, input_grad, product_beside, with_adapter_input
 from .swiglu import swiglu_grads_packed, swiglu_values
 
 
@@ -65,9 +65,7 @@ class FusedMLPWeights:
     def down(self, down, dtype: torch.dtype) -> torch.Tensor:
         """D = [W_down | s B_down] with the adapter's current values, in dtype."""
         I, D = self.I, self.D
-        seen = (down.lora_A.weight.data_ptr(), down.lora_A.weight._version, down.lora_B.weight.data_ptr(),
-                down.lora_B.weight._version, down.scaling)
-        # As StackedWeights.matrix: written again when the adapter changed or the layer keeps no copies.
+        seen = adapter_versions((down,))  # as StackedWeights.matrix
         if not self.quantized and seen == self._seen_down and down.keep_compute_adapters:
             return D
         if self.quantized:

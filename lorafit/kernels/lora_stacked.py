@@ -70,14 +70,11 @@ class StackedWeights:
     def matrix(self, layers, dtype: torch.dtype) -> torch.Tensor:
         """M with the adapters' current values, in dtype (an NF4 base: dequantised into a new M)."""
         C, O, r, M = self.C, self.O, self.r, self.M
-        params = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
-        seen = tuple((p.data_ptr(), p._version) for p in params) + tuple(m.scaling for m in layers)
-        # Layers that keep no copies between calls (keep_compute_adapters off: FSDP2, CUDA graphs, lora.py)
-        # have them written on every call.
+        seen = adapter_versions(layers)
         if not self.quantized and seen == self._seen and all(m.keep_compute_adapters for m in layers):
             return M
         if self.quantized:
-            M = torch.empty(O + self.k * r, C + self.k * r, dtype=dtype, device=params[0].device)
+            M = torch.empty(O + self.k * r, C + self.k * r, dtype=dtype, device=layers[0].lora_A.weight.device)
             for m, start, size in self._blocks(layers):
                 m.base_layer.dequantize_into(M[start:start + size, :C])
             M[:O, C:].zero_()  # M[O:, C:] is never read
@@ -87,6 +84,14 @@ class StackedWeights:
                 M[O + i * r:O + (i + 1) * r, :C].copy_(m.lora_A.weight)
         self._seen = None if self.quantized else seen
         return M
+
+
+def adapter_versions(layers) -> tuple:
+    """What a matrix made from these layers' adapters was made from: the adapters' storage and in-place
+    versions (an optimizer step or a load changes them) and the scalings. Layers that keep no copies between
+    calls (keep_compute_adapters off: FSDP2, CUDA graphs, lora.py) have theirs written on every call anyway."""
+    params = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
+    return tuple((p.data_ptr(), p._version) for p in params) + tuple(m.scaling for m in layers)
 
 
 def can_stack(layers, x: torch.Tensor) -> bool:
@@ -172,11 +177,8 @@ class _StackedLoRA(torch.autograd.Function):
         N, x_shape = x_cat.shape[0], ctx.x_shape
         if ctx.separate:  # [dy | dy B] (N, O + kr): the grads copied where autograd would have joined them
             d_cat = torch.empty(N, O + weights.k * r, dtype=x_cat.dtype, device=x_cat.device)
-            for grad, (_, start, size) in zip(grads, weights._blocks(ctx.layers)):
-                if grad is None:
-                    d_cat[:, start:start + size].zero_()
-                else:
-                    d_cat[:, start:start + size] = grad.reshape(N, size)
+            for grad, (_, start, size) in zip(grads, weights._blocks(ctx.layers)):  # unused outputs: zeros
+                d_cat[:, start:start + size] = grad.reshape(N, size)
             product_beside(d_cat, O, M[:O, C:])  # (N, kr): dy blockdiag(s B_i)
             dy, dy_b = d_cat[:, :O], d_cat[:, O:]
             grad_x = input_grad(x_shape, d_cat, M[:, :C]) if ctx.needs_input_grad[0] else None

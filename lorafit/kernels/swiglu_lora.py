@@ -258,17 +258,14 @@ def applies(gate: torch.Tensor, r: int) -> bool:
     return eager_cuda(gate) and can_run(gate, r)
 
 
-def down_and_swiglu_backward(dy, weight, a_w, b_w, down_a, scaling: float, gate, up, grad_gate, grad_up,
-                             down_gate=None, down_up=None):
+def down_and_swiglu_backward(dy, weight, a_w, b_w, down_a, scaling: float, gate, up, grad_gate, grad_up):
     """The backward of y = lora_linear(silu(gate) * up) (the down projection, dense weight (C, I), a_w (r, I),
     b_w = s B (C, r), down_a = h A^T (N, r) from forward) through the SwiGLU: dy (N, C) -> writes dgate, dup
-    into grad_gate, grad_up; returns (grad A_down, grad B_down, the gate and up adapters' grad B or None),
-    float32, the last unscaled (see swiglu_lora_backward)."""
+    into grad_gate, grad_up; returns (grad A_down, grad B_down), float32."""
     dy = dy.to(gate.dtype)
     dy_b = dy @ b_w  # (N, r)
     grad_h = dy @ weight  # (N, I): the base's share; the kernel adds the adapter's
-    grad_a, grad_b_gate_up = swiglu_lora_backward(grad_h, dy_b, a_w, gate, up, grad_gate, grad_up, down_gate,
-                                                  down_up)
+    grad_a, _ = swiglu_lora_backward(grad_h, dy_b, a_w, gate, up, grad_gate, grad_up)
     del grad_h
     grad_b = (dy.t() @ down_a).float() * scaling  # (C, r)
-    return grad_a, grad_b, grad_b_gate_up
+    return grad_a, grad_b
