@@ -5,9 +5,11 @@
 
 Builds the preset's architecture with random weights straight on the GPU (no 16 GB checkpoint on disk),
 applies LoRA r=16 to all 7 projections as gpu_anchor.py does, and profiles the forward and backward of one
-micro-batch (2 x 2048 tokens). Prints device time by kind of kernel (GEMM, attention, Triton, elementwise,
-copies), the largest matmuls by shape, and the pinned host<->device copy rates that bound what offloading
-activations can hide. A diagnostic: it records nothing.
+micro-batch (2 x 2048 tokens). Prints the time a micro-batch takes and when the host was done launching it,
+device time by kind of kernel (GEMM, attention, Triton, elementwise, copies), where the GPU sat idle between
+kernels (the host launching too slowly, under the profiler's own overhead), the largest matmuls by shape,
+and the pinned host<->device copy rates that bound what offloading activations can hide. A diagnostic: it
+records nothing.
 """
 
 import argparse
@@ -103,6 +105,24 @@ def host_link_rates(gib: float = 1.0) -> dict:
     return {"h2d_GBps": n / h2d / 1e9, "d2h_GBps": n / d2h / 1e9, "duplex_each_GBps": n / duplex / 1e9}
 
 
+def print_idle_gaps(kernels, top: int, at_least_us: float = 5.0) -> None:
+    """Where the GPU waits between kernels: the span from the first kernel's start to the last one's end
+    against the time some kernel runs, and the longest gaps with the kernels either side (a gap after a
+    short kernel is the host launching too slowly; one before a copy, a wait on the host)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for i, (start, stop, _) in enumerate(spans):
+        if start > end and start - end >= at_least_us:
+            gaps.append((start - end, spans[i - 1][2], spans[i][2]))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - spans[0][0]
+    print(f"\nGPU span {span / 1e3:.1f} ms, some kernel running {busy / 1e3:.1f} ms; {len(gaps)} gaps of "
+          f">= {at_least_us:.0f} us take {sum(g for g, _, _ in gaps) / 1e3:.1f} ms, the longest:")
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {gap:8.1f} us  after {before[:50]}  before {after[:50]}")
+
+
 def micro_step(model, x):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(x, labels=x).loss
@@ -139,13 +159,15 @@ def main() -> None:
     t = time.perf_counter()
     for _ in range(args.timed):
         micro_step(model, x)
+    host_s = time.perf_counter() - t  # the host's launching, less the queue it leaves behind at the end
     torch.cuda.synchronize()
     per_micro = (time.perf_counter() - t) / args.timed
     tokens = args.micro_batch * args.seq_len
     print(f"{args.preset} checkpointing={args.checkpointing} kernels={not args.no_kernels} "
           f"off={args.disable_kernels}: "
           f"{per_micro * 1e3:.1f} ms per micro-batch (fwd+bwd, no optimizer) = {tokens / per_micro:,.0f} tok/s, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; the host returned after "
+          f"{host_s / args.timed * 1e3:.1f} ms a micro-batch")
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -164,6 +186,7 @@ def main() -> None:
     print(f"\ndevice time {total / 1e3:.1f} ms in {len(kernels)} kernels (one micro-batch, under the profiler)")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:12s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
+    print_idle_gaps(kernels, args.top)
     print(f"\ntop {args.top} kernels by device time")
     for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {us / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")
