@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from lorafit.kernels import reference  # noqa: E402
 from lorafit.kernels.rms_norm import add_rms_norm, add_rms_norm_triton, rms_norm, rms_norm_triton  # noqa: E402
-from lorafit.kernels.rope import rope, rope_triton  # noqa: E402
+from lorafit.kernels.rope import _rotate, rope, rope_triton  # noqa: E402
 from lorafit.kernels.swiglu import swiglu, swiglu_triton  # noqa: E402
 from lorafit.nn.rope import RopeConfig, RotaryEmbedding  # noqa: E402
 
@@ -180,6 +180,33 @@ def test_rope_kernel(dtype, layout):
             return lambda qkv: fn(qkv[:, :, :H], qkv[:, :, H : H + HKV], cos, signed_sin)
 
         check(split(rope_triton), split(reference.rope), [qkv], [True], [grad_q, grad_k])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kernel_rotates_in_place_and_into_rows_of_a_wider_matrix(dtype):
+    """As kernels/lora_stacked.py runs it: q and k rotated in place in one [q | k | v] output, and their grads
+    rotated back into the columns of a wider [dq | dk | dv | ...] matrix. Bit for bit what the kernel writes
+    into tensors of its own; the other columns untouched."""
+    cos, signed_sin = rope_tables(B, T, D, dtype, KERNEL_DEVICE)
+    width = (H + 2 * HKV) * D
+    qkv = randn(B, T, width, dtype=dtype, device=KERNEL_DEVICE, seed=1)
+    heads = lambda t, first, n: t[..., first * D:(first + n) * D].unflatten(-1, (n, D))  # noqa: E731
+    q, k = heads(qkv, 0, H), heads(qkv, H, HKV)
+    expected = _rotate(q, k, cos, signed_sin, transpose=False)
+    untouched = qkv[..., (H + HKV) * D:].clone()
+    _rotate(q, k, cos, signed_sin, False, q_out=q, k_out=k)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1]) and torch.equal(qkv[..., (H + HKV) * D:], untouched)
+
+    grad_q = randn(B, H, T, D, dtype=dtype, device=KERNEL_DEVICE, seed=3).transpose(1, 2)
+    grad_k = randn(B, HKV, T, D, dtype=dtype, device=KERNEL_DEVICE, seed=4).transpose(1, 2)
+    d_cat = torch.full((B * T, width + 5), 7.0, dtype=dtype, device=KERNEL_DEVICE)
+    d_q, d_k = (heads(d_cat, first, n).view(B, T, n, D) for first, n in ((0, H), (H, HKV)))
+    _rotate(grad_q, grad_k, cos, signed_sin, True, q_out=d_q, k_out=d_k)
+    expected = _rotate(grad_q, grad_k, cos, signed_sin, transpose=True)
+    assert torch.equal(d_q, expected[0]) and torch.equal(d_k, expected[1])
+    assert bool((d_cat[:, (H + HKV) * D:] == 7).all())
+    with pytest.raises(ValueError, match="side by side"):
+        _rotate(grad_q, grad_k, cos, signed_sin, True, q_out=grad_q, k_out=grad_k)
 
 
 def test_kernels_take_empty_inputs():

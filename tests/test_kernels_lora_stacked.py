@@ -11,6 +11,7 @@ from lorafit.lora import LoRAConfig, LoRALinear
 from lorafit.models.config import ModelConfig
 from lorafit.models.llama import Attention
 from lorafit.nn.nf4 import NF4Linear
+from lorafit.nn.rope import RopeConfig, RotaryEmbedding
 
 C, HEADS, KV_HEADS, HEAD_DIM = 72, 3, 1, 20  # odd sizes: q 60, k and v 20 each
 
@@ -83,6 +84,35 @@ def test_float32_equals_the_three_layers(nf4, separate, spare_columns):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("table_batch", [1, 2])
+def test_rotary_float32_equals_the_three_layers_then_rope(nf4, table_batch):
+    """With rotary tables the function rotates q and k in its output (and their grads back): the three
+    layers followed by the reference RoPE, outputs and grads."""
+    from lorafit.kernels import reference
+
+    attn = _attention(torch.float32, nf4=nf4)
+    positions = torch.randint(0, 500, (table_batch, 13), generator=torch.Generator().manual_seed(1))
+    cos, sin = (t[:, 0] for t in RotaryEmbedding(RopeConfig(), HEAD_DIM)(positions, torch.float32))  # (Bt, T, D)
+    x, dy = torch.randn(2, 13, C), torch.randn(2, 13, HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM)
+
+    def composed(x):
+        q, k, v = (m(x).unflatten(-1, (-1, HEAD_DIM)) for m in _layers(attn))
+        q, k = reference.rope(q, k, cos, sin)
+        return torch.cat([t.flatten(2) for t in (q, k, v)], dim=-1)
+
+    def stacked(x):
+        x = torch.cat([x, torch.full((2, 13, 12), float("nan"))], dim=-1)  # the norm's 3r spare columns
+        q, k, v = lora_stacked(x, weights, _layers(attn), separate=True, rotary=(cos, sin))
+        assert q.shape == (2, 13, HEADS, HEAD_DIM) and v.shape == (2, 13, KV_HEADS, HEAD_DIM)
+        return torch.cat([t.flatten(2) for t in (q, k, v)], dim=-1)
+
+    weights = StackedWeights(_layers(attn))
+    expected, got = _run(composed, attn, x, dy), _run(stacked, attn, x, dy)
+    for name, g, e in zip(NAMES, got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
+
+
 def test_bfloat16_error_is_within_twice_the_three_layers():
     """Against float32 layers on the same values, the stacked bf16 path errs at most 2x as much as three
     bf16 layers do."""
@@ -122,9 +152,11 @@ def test_an_nf4_base_is_dequantised_on_demand_and_not_kept():
     assert all(t.shape[0] < O for t in y.grad_fn.saved_tensors)  # no dense (O + 3r, C + 3r) matrix saved
 
 
-def test_changed_adapters_reach_the_stacked_weights():
-    """After an optimizer step (in place) or a reload (new tensors) the next pass uses the new values."""
-    attn = _attention(torch.float32)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_changed_adapters_reach_the_stacked_weights(nf4):
+    """After an optimizer step (in place) or a reload (new tensors) the next pass uses the new values (a dense
+    base's M holds them, an NF4 base's cached blocks)."""
+    attn = _attention(torch.float32, nf4=nf4)
     weights = StackedWeights(_layers(attn))
     x, dy = torch.randn(1, 9, C), torch.randn(1, 9, HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM)
     _run(_stacked(attn, weights), attn, x, dy)
@@ -159,8 +191,10 @@ def test_the_model_takes_the_stacked_projections_on_cuda_and_equals_the_three_la
     x = torch.randn(2, 64, C, device="cuda").bfloat16()
     O = HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM
 
-    def project(t):
-        return torch.cat([p.flatten(2) for p in attn.project(t)], dim=-1)
+    tables = RotaryEmbedding(RopeConfig(), HEAD_DIM).cuda()(torch.arange(64, device="cuda")[None], torch.bfloat16)
+
+    def project(t):  # q and k rotated: in the stacked function's output, or by the kernel after the layers
+        return torch.cat([p.flatten(2) for p in attn.project(t, *tables)], dim=-1)
 
     dy = torch.randn(2, 64, O, device="cuda").bfloat16()
     got = _run(project, attn, x, dy)

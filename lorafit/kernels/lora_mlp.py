@@ -65,15 +65,16 @@ class FusedMLPWeights:
     def down(self, down, dtype: torch.dtype) -> torch.Tensor:
         """D = [W_down | s B_down] with the adapter's current values, in dtype."""
         I, D = self.I, self.D
-        seen = adapter_versions((down,))  # as StackedWeights.matrix
-        if not self.quantized and seen == self._seen_down and down.keep_compute_adapters:
-            return D
-        if self.quantized:
+        if self.quantized:  # s B_down from the layer's compute-dtype copy (lora_mlp casts A_down there too)
             D = torch.empty(self.C, I + self.r_down, dtype=dtype, device=down.lora_A.weight.device)
             down.base_layer.dequantize_into(D[:, :I])
-        with torch.no_grad():
-            D[:, I:].copy_(down.lora_B.weight * down.scaling)
-        self._seen_down = None if self.quantized else seen
+            D[:, I:].copy_(down.compute_adapters(dtype)[1])
+            return D
+        seen = adapter_versions((down,))  # as StackedWeights.matrix
+        if seen != self._seen_down or not down.keep_compute_adapters:
+            with torch.no_grad():
+                D[:, I:].copy_(down.lora_B.weight * down.scaling)
+            self._seen_down = seen
         return D
 
 

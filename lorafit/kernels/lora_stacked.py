@@ -33,6 +33,8 @@ MLP's gate and up (kernels/lora_mlp.py).
 import torch
 from torch import nn
 
+from .rope import rope_into
+
 
 class StackedWeights:
     """M = [[W, blockdiag(s B_i)], [A, 0]] (O + kr, C + kr) of k LoRA layers that share an input."""
@@ -52,7 +54,8 @@ class StackedWeights:
                 with torch.no_grad():
                     self.M[start:start + size, :self.C].copy_(m.base_layer.weight)
                 m.base_layer.weight = nn.Parameter(self.M[start:start + size, :self.C], requires_grad=False)
-        self._seen = None
+        self._seen = None  # what the adapter blocks were written from (_write_adapters)
+        self._adapters = None  # an NF4 base's (blockdiag(s B_i), A): kept, unlike its M
 
     def _blocks(self, layers):
         """(layer, first row, rows) of each layer's block of M."""
@@ -69,21 +72,41 @@ class StackedWeights:
 
     def matrix(self, layers, dtype: torch.dtype) -> torch.Tensor:
         """M with the adapters' current values, in dtype (an NF4 base: dequantised into a new M)."""
-        C, O, r, M = self.C, self.O, self.r, self.M
-        seen = adapter_versions(layers)
-        if not self.quantized and seen == self._seen and all(m.keep_compute_adapters for m in layers):
-            return M
-        if self.quantized:
-            M = torch.empty(O + self.k * r, C + self.k * r, dtype=dtype, device=layers[0].lora_A.weight.device)
-            for m, start, size in self._blocks(layers):
-                m.base_layer.dequantize_into(M[start:start + size, :C])
-            M[:O, C:].zero_()  # M[O:, C:] is never read
+        self._write_adapters(layers, dtype)
+        if not self.quantized:
+            return self.M
+        C, O = self.C, self.O
+        M = torch.empty(O + self.k * self.r, C + self.k * self.r, dtype=dtype, device=layers[0].lora_A.weight.device)
+        for m, start, size in self._blocks(layers):
+            m.base_layer.dequantize_into(M[start:start + size, :C])
+        B, A = self._adapters
+        M[:O, C:].copy_(B)  # M[O:, C:] is never read
+        M[O:, :C].copy_(A)
+        return M
+
+    def _write_adapters(self, layers, dtype: torch.dtype) -> None:
+        """blockdiag(s B_i) (O, kr) and [A_1; ...; A_k] (kr, C) in dtype, written from the float32 masters when
+        these changed (adapter_versions: an optimizer step, one in 8 micro-batches at the anchor workload)
+        into a dense base's M, or into blocks of their own that an NF4 base's M, made at every call, copies:
+        2 copies where casting the masters each time took 3k + 1 small kernels, 4 calls a layer and
+        micro-batch (an 8B QLoRA micro-batch ran 736 such casts, 2.1 ms on an H200, device call 43)."""
+        seen = (adapter_versions(layers), dtype)
+        if seen == self._seen and all(m.keep_compute_adapters for m in layers):
+            return
+        C, O, r, kr = self.C, self.O, self.r, self.k * self.r
+        if not self.quantized:
+            B, A = self.M[:O, C:], self.M[O:, :C]
+        else:
+            if self._adapters is None or self._adapters[0].dtype != dtype:
+                device = layers[0].lora_A.weight.device
+                self._adapters = (torch.zeros(O, kr, dtype=dtype, device=device),
+                                  torch.empty(kr, C, dtype=dtype, device=device))
+            B, A = self._adapters
         with torch.no_grad():
             for i, (m, start, size) in enumerate(self._blocks(layers)):
-                M[start:start + size, C + i * r:C + (i + 1) * r].copy_(m.lora_B.weight * m.scaling)
-                M[O + i * r:O + (i + 1) * r, :C].copy_(m.lora_A.weight)
-        self._seen = None if self.quantized else seen
-        return M
+                B[start:start + size, i * r:(i + 1) * r].copy_(m.lora_B.weight * m.scaling)
+                A[i * r:(i + 1) * r].copy_(m.lora_A.weight)
+        self._seen = seen
 
 
 def adapter_versions(layers) -> tuple:
@@ -147,17 +170,25 @@ def input_grad(x_shape: torch.Size, d_cat: torch.Tensor, M_columns: torch.Tensor
     return grad.view(x_shape)
 
 
-def lora_stacked(x: torch.Tensor, weights: StackedWeights, layers, separate: bool = False):
+def lora_stacked(x: torch.Tensor, weights: StackedWeights, layers, separate: bool = False, rotary=None):
     """x (..., C) or (..., C + kr) with spare columns -> [y_1 | ... | y_k] (..., O), y_i = layers[i](x) (LoRA
     layers, see can_stack); separate: the tuple (y_1, ..., y_k) of views into it, which makes backward's
-    [dy | dy B] free (see the module docstring). Split a packed result with .split(weights.sizes, -1)."""
+    [dy | dy B] free (see the module docstring). Split a packed result with .split(weights.sizes, -1).
+
+    rotary: (cos, signed_sin) (B or 1, T, D) for q, k, v (x (B, T, C), separate): q and k come out rotated
+    (kernels/rope.py), all three as (B, T, heads, D) views into one (B, T, O) buffer. The rotation runs in
+    place there, and backward rotates q's and k's grads back straight into [dy | dy B]: no q and k of their
+    own, and no copies of their grads (q's alone 1.4 ms of an 8B micro-batch on an H200, device call 43); v
+    needs no copy to keep it alone either, as attention keeps all three."""
     params = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
-    return _StackedLoRA.apply(x, weights, tuple(layers), separate, *params)
+    if rotary is not None and not separate:
+        raise ValueError("lora_stacked: rotary needs separate outputs (q, k, v)")
+    return _StackedLoRA.apply(x, weights, tuple(layers), separate, rotary, *params)
 
 
 class _StackedLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, layers, separate, *params):
+    def forward(ctx, x, weights, layers, separate, rotary, *params):
         C, O = weights.C, weights.O
         M = weights.matrix(layers, x.dtype)  # (O + kr, C + kr)
         x_cat = with_adapter_input(x, C, M[O:, :C])  # (N, C + kr): [x | x A^T]
@@ -165,8 +196,14 @@ class _StackedLoRA(torch.autograd.Function):
         ctx.save_for_backward(x_cat, *([] if weights.quantized else [M]))
         ctx.weights, ctx.layers, ctx.separate, ctx.x_shape = weights, layers, separate, x.shape
         ctx.param_dtypes = tuple(p.dtype for p in params)
+        ctx.rotary = rotary
         y = y.view(*x.shape[:-1], O)
-        return y.split(weights.sizes, -1) if separate else y
+        if rotary is None:
+            return y.split(weights.sizes, -1) if separate else y
+        head_dim = rotary[0].shape[-1]
+        q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in y.split(weights.sizes, -1))  # (B, T, heads, D)
+        rope_into(q, k, *rotary, q_out=q, k_out=k)
+        return q, k, v
 
     @staticmethod
     def backward(ctx, *grads):
@@ -177,7 +214,12 @@ class _StackedLoRA(torch.autograd.Function):
         N, x_shape = x_cat.shape[0], ctx.x_shape
         if ctx.separate:  # [dy | dy B] (N, O + kr): the grads copied where autograd would have joined them
             d_cat = torch.empty(N, O + weights.k * r, dtype=x_cat.dtype, device=x_cat.device)
-            for grad, (_, start, size) in zip(grads, weights._blocks(ctx.layers)):  # unused outputs: zeros
+            blocks = [(start, size) for _, start, size in weights._blocks(ctx.layers)]
+            if ctx.rotary is not None:  # q's and k's grads rotated back into their columns
+                d_q, d_k = (d_cat[:, s:s + n].view(*grad.shape) for (s, n), grad in zip(blocks[:2], grads))
+                rope_into(grads[0], grads[1], *ctx.rotary, q_out=d_q, k_out=d_k, transpose=True)
+                blocks, grads = blocks[2:], grads[2:]
+            for grad, (start, size) in zip(grads, blocks):  # unused outputs: zeros
                 d_cat[:, start:start + size] = grad.reshape(N, size)
             product_beside(d_cat, O, M[:O, C:])  # (N, kr): dy blockdiag(s B_i)
             dy, dy_b = d_cat[:, :O], d_cat[:, O:]
@@ -200,4 +242,4 @@ class _StackedLoRA(torch.autograd.Function):
         for i, (m, start, size) in enumerate(weights._blocks(ctx.layers)):
             out.append(grad_a[i * r:(i + 1) * r].to(ctx.param_dtypes[2 * i]))  # (r, C)
             out.append((grad_b[start:start + size, i * r:(i + 1) * r] * m.scaling).to(ctx.param_dtypes[2 * i + 1]))
-        return (grad_x, None, None, None, *out)
+        return (grad_x, None, None, None, None, *out)

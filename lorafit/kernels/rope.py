@@ -33,7 +33,8 @@ if triton is not None:
         src_ptr, dst_ptr, src_head_stride, n_heads, cos1, cos2, sin1, sin2,
         HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        """One token's (n_heads, D) heads: src (any head stride) -> dst (contiguous). Tables: (1, BLOCK_HALF)."""
+        """One token's (n_heads, D) heads: src (any head stride) -> dst (heads side by side; src itself for a
+        rotation in place: every value is loaded before any is stored). Tables: (1, BLOCK_HALF)."""
         heads = tl.arange(0, BLOCK_HEADS)[:, None]  # (BH, 1)
         dims = tl.arange(0, BLOCK_HALF)[None, :]  # (1, BHALF)
         mask = (heads < n_heads) & (dims < HALF)
@@ -47,7 +48,7 @@ if triton is not None:
     @triton.jit
     def _rope_kernel(
         q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-        n_tokens, n_q_heads, n_k_heads,
+        n_tokens, n_q_heads, n_k_heads, q_out_token_stride, k_out_token_stride,
         q_batch_stride, q_token_stride, q_head_stride,
         k_batch_stride, k_token_stride, k_head_stride,
         table_batch_stride, table_token_stride,
@@ -58,8 +59,9 @@ if triton is not None:
         batch, token = (pid // n_tokens).to(tl.int64), (pid % n_tokens).to(tl.int64)
         q_src = q_ptr + batch * q_batch_stride + token * q_token_stride
         k_src = k_ptr + batch * k_batch_stride + token * k_token_stride
-        q_dst = q_out_ptr + pid.to(tl.int64) * n_q_heads * 2 * HALF  # outputs are contiguous (B, T, H, D)
-        k_dst = k_out_ptr + pid.to(tl.int64) * n_k_heads * 2 * HALF
+        # Outputs: (B, T, H, D) with a token's heads side by side and tokens a stride apart (B * T rows).
+        q_dst = q_out_ptr + pid.to(tl.int64) * q_out_token_stride
+        k_dst = k_out_ptr + pid.to(tl.int64) * k_out_token_stride
         dims = tl.arange(0, BLOCK_HALF)[None, :]  # (1, BHALF)
         dim_ok = dims < HALF
         table = batch * table_batch_stride + token * table_token_stride + dims
@@ -93,17 +95,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torc
         raise ValueError("rope expects q, k, cos and signed_sin in one dtype (the activation dtype)")
 
 
-def _rotate(q, k, cos, signed_sin, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton: the forward rotation of q and k (B, T, H|Hkv, D), or its transpose for the backward; new
-    contiguous tensors."""
+def _rotate(q, k, cos, signed_sin, transpose: bool, q_out=None, k_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton: the forward rotation of q and k (B, T, H|Hkv, D), or its transpose for the backward, into new
+    contiguous tensors or into q_out and k_out (see `rope_into`)."""
     if triton is None:
         raise RuntimeError("the Triton path needs the triton package (pip install triton)")
     _check(q, k, cos, signed_sin)
     q, k, cos, signed_sin = _heads(q), _heads(k), _heads(cos), _heads(signed_sin)
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else _rows(q_out, q)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else _rows(k_out, k)
     if B * T == 0:
         return q_out, k_out
     if cos.stride() != signed_sin.stride():
@@ -115,7 +117,7 @@ def _rotate(q, k, cos, signed_sin, transpose: bool) -> tuple[torch.Tensor, torch
     num_warps = 4 if values <= 2048 else 8 if values <= 8192 else 16
     _rope_kernel[(B * T,)](
         q, k, cos, signed_sin, q_out, k_out,
-        T, H, Hkv,
+        T, H, Hkv, q_out.stride(1), k_out.stride(1),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
@@ -124,6 +126,32 @@ def _rotate(q, k, cos, signed_sin, transpose: bool) -> tuple[torch.Tensor, torch
         num_warps=num_warps,
     )
     return q_out, k_out
+
+
+def _rows(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """out, checked to be what the kernel writes: like's shape and dtype, (B, T, H, D) with a token's heads side
+    by side (strides (T s, s, D, 1) for some token stride s, e.g. columns of a (B * T, s) matrix)."""
+    _, T, H, D = like.shape
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"rope: an output must be {like.dtype} {tuple(like.shape)} on {like.device}, not "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    s = out.stride(1)
+    if out.stride() != (T * s, s, D, 1) or s < H * D:
+        raise ValueError(f"rope: an output's rows must hold a token's heads side by side, not strides {out.stride()}")
+    return out
+
+
+def rope_into(q, k, cos, signed_sin, q_out, k_out, transpose: bool = False) -> None:
+    """q (B, T, H, D) and k (B, T, Hkv, D) rotated into q_out and k_out: (B, T, H|Hkv, D) views whose tokens are
+    rows of a wider matrix (kernels/lora_stacked.py's [q | k | v]), or q and k themselves, in place. transpose:
+    the inverse rotation, the backward's. No autograd. The Triton kernel on CUDA, the reference elsewhere."""
+    if eager_cuda(q):
+        _rotate(q, k, cos, signed_sin, transpose, q_out, k_out)
+        return
+    _check(q, k, cos, signed_sin)
+    rotated = _backward_op(q, k, cos, signed_sin) if transpose else reference.rope(q, k, cos, signed_sin)
+    q_out.copy_(rotated[0])
+    k_out.copy_(rotated[1])
 
 
 class _RopeTriton(torch.autograd.Function):

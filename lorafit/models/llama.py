@@ -68,16 +68,21 @@ class Attention(nn.Module):
         """Columns the stacked q, k, v fill beside their input (x A^T): what input_layernorm may leave."""
         return spare_columns((self.q_proj, self.k_proj, self.v_proj)) if self._stacks(x) else 0
 
-    def project(self, x):
+    def project(self, x, cos=None, sin=None):
         """x (B, T, C), or (B, T, C + spare_input_columns) from the norm -> q (B, T, H, D), k and v
-        (B, T, Hkv, D), q and k normalised where the family does."""
+        (B, T, Hkv, D), q and k normalised where the family does; and given the tables cos and sin
+        (B, 1, T, D), rotated where the RoPE kernel runs (`rotates`): in the stacked function when it runs."""
         B, T, width = x.shape
         layers = (self.q_proj, self.k_proj, self.v_proj)
+        rotate = cos is not None and self.rotates(x)
         # With spare columns the decoder layer has found already that the stacked function runs: asking again
         # costs ~20 us of host time a layer, which a small model's eager step waits on.
         if width != self.q_proj.in_features or self._stacks(x):
             if self.qkv_weights is None or not self.qkv_weights.holds(layers):
                 self.qkv_weights = StackedWeights(layers)
+            if rotate and self.q_norm is None:  # q and k rotated in place in the function's one output
+                rotary = (cos[:, 0].to(x.dtype), sin[:, 0].to(x.dtype))
+                return lora_stacked(x, self.qkv_weights, layers, separate=True, rotary=rotary)
             # Views into one (B, T, q_dim + 2 kv_dim) output: rope reads q and k in place.
             q, k, v = lora_stacked(x, self.qkv_weights, layers, separate=True)
             # Attention keeps v for backward, and a view would keep all of qkv: 10 KB a token and layer more
@@ -90,24 +95,26 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if rotate:  # one kernel rotates q and k in the projections' layout
+            q, k = rope(q, k, cos[:, 0].to(q.dtype), sin[:, 0].to(q.dtype))
         return q, k, v
+
+    def rotates(self, x) -> bool:
+        """Whether project rotates q and k (the Triton RoPE kernel, CUDA), rather than forward the reference."""
+        return self.fused and x.is_cuda
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
         B, T, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, cos, sin)
+        # Transposed views of (B, T, H, D): SDPA then writes its output in that layout too, and the reshape
+        # for o_proj below is a view, not a copy (measured on an H200 with cuDNN attention).
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+        if not self.rotates(x):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, PackedDocuments):  # packed documents on a GPU: flash attention's varlen kernel
-            q, k = rope(q, k, cos[:, 0].to(q.dtype), sin[:, 0].to(q.dtype))
-            flat = lambda t: t.reshape(B * T, t.shape[2], self.head_dim)  # noqa: E731  (B * T, heads, D)
+            flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], self.head_dim)  # noqa: E731
             y = varlen_attention(flat(q), flat(k), flat(v), mask.cu_seqlens, mask.max_seqlen)  # (B * T, H, D)
             return self.o_proj(y.view(B, T, -1))
-        if self.fused and q.is_cuda:  # one kernel rotates q and k in the projections' layout
-            q, k = rope(q, k, cos[:, 0].to(q.dtype), sin[:, 0].to(q.dtype))
-            # Transposed views of (B, T, H, D): SDPA then writes its output in that layout too, and the
-            # reshape for o_proj below is a view, not a copy (measured on an H200 with cuDNN attention).
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
-        else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, S, D): the cached keys followed by the new ones
         y = attention(q, k, v, mask=mask)  # (B, H, T, D)
