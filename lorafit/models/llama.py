@@ -100,7 +100,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def rotates(self, x) -> bool:
-        """Whether project rotates q and k (the Triton RoPE kernel, CUDA), rather than forward the reference."""
+        """Whether project rotates q and k (the Triton RoPE kernel, on CUDA); if not, forward applies the reference."""
         return self.fused and x.is_cuda
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
