@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorafit.kernels import reference
+from lorafit.kernels import product_in_float32, reference
 from lorafit.kernels.lora_linear import lora_linear
 
 
@@ -114,3 +114,17 @@ def test_an_nf4_base_gives_its_dequantised_weights_result_and_keeps_no_dense_cop
     assert tuple(dense.shape) not in saved
     for got, want in zip(quantized, _run(lambda x, _, b, a, lb, s: lora_linear(x, dense, b, a, lb, s), dtype, True)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same operations on the same numbers
+
+
+@pytest.mark.gpu
+def test_adapter_grads_come_out_of_the_gemm_in_float32():
+    """bf16 operands (one transposed, as dy^T x is) give the float32 product without a 16-bit rounding: within
+    float32 summation-order error of the product of the same values in float32."""
+    x = torch.randn(4096, 48, device="cuda").bfloat16()
+    dy = torch.randn(4096, 1000, device="cuda").bfloat16()
+    got = product_in_float32(dy.t(), x)  # (1000, 48)
+    expected = dy.t().float() @ x.float()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    rounded = (dy.t() @ x).float()  # what the bf16 product cast back gave: ~2**-9 relative error
+    assert (rounded - expected).abs().max() > 10 * (got - expected).abs().max()

@@ -18,7 +18,7 @@ cuBLAS/MKL's, which no hand-written kernel beats at these shapes.
 
 import torch
 
-from . import swiglu_lora
+from . import product_in_float32, swiglu_lora
 from .swiglu import swiglu_grads, swiglu_grads_packed, swiglu_values
 
 
@@ -39,8 +39,8 @@ def _lora_backward(dy, x2, weight, a_w, b_w, down, scaling, need_grad_x: bool, p
     if need_grad_x:
         grad_x = dy @ weight.to(x2.dtype)  # (N, C_in)
         grad_x.addmm_(dy_b, a_w)
-    grad_a = (dy_b.t() @ x2).to(param_dtypes[0])  # (r, C_in)
-    grad_b = (dy.t() @ down * scaling).to(param_dtypes[1])  # (C_out, r)
+    grad_a = product_in_float32(dy_b.t(), x2).to(param_dtypes[0])  # (r, C_in)
+    grad_b = product_in_float32(dy.t(), down).mul_(scaling).to(param_dtypes[1])  # (C_out, r)
     return grad_x, grad_a, grad_b
 
 

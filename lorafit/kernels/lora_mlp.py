@@ -29,7 +29,7 @@ and up's grad B (kernels/swiglu_lora.py).
 import torch
 from torch import nn
 
-from . import swiglu_lora
+from . import product_in_float32, swiglu_lora
 from .lora_stacked import StackedWeights, adapter_versions, can_stack, input_grad, product_beside, with_adapter_input
 from .swiglu import swiglu_grads_packed, swiglu_values
 
@@ -137,19 +137,19 @@ class _LoRAMLP(torch.autograd.Function):
         else:
             grad_h.addmm_(dy_b, a_w_down)  # the adapter's share, in place
             h = swiglu_values(gate_up[:, :I], gate_up[:, I:])  # recomputed: (N, I)
-            grad_a_down = dy_b.t() @ h  # (r, I)
+            grad_a_down = product_in_float32(dy_b.t(), h)  # (r, I)
             del h
             swiglu_grads_packed(grad_h, gate_up, d_cat)
-            grad_b_gate = d_cat[:, :I].t() @ down_gate  # (I, r)
-            grad_b_up = d_cat[:, I:I2].t() @ down_up
+            grad_b_gate = product_in_float32(d_cat[:, :I].t(), down_gate)  # (I, r)
+            grad_b_up = product_in_float32(d_cat[:, I:I2].t(), down_up)
         del grad_h_cat, grad_h, dy_b
-        grad_b_down = (dy.t() @ down_a) * down.scaling  # (C, r)
+        grad_b_down = product_in_float32(dy.t(), down_a).mul_(down.scaling)  # (C, r)
         M = weights.gate_up.matrix((gate, up), gate_up.dtype)
         product_beside(d_cat, I2, M[:I2, C:])  # (N, 2r); M's block diagonal of s B_g, s B_u
         grad_x = input_grad(ctx.x_shape, d_cat, M[:, :C])  # (N, C), or wider with the spare columns
         del M
-        grad_a = d_cat[:, I2:].t() @ x2  # (2r, C): s (dgate B_g)^T x over s (dup B_u)^T x (s is in M's B blocks)
-        grad_b_gate, grad_b_up = grad_b_gate * gate.scaling, grad_b_up * up.scaling
+        grad_a = product_in_float32(d_cat[:, I2:].t(), x2)  # (2r, C): s (dgate B_g)^T x over s (dup B_u)^T x (s is in M's B blocks)
+        grad_b_gate, grad_b_up = grad_b_gate.mul_(gate.scaling), grad_b_up.mul_(up.scaling)  # float32
         return (grad_x, None, None,
                 grad_a[:r].to(dtypes[0]), grad_b_gate.to(dtypes[1]), grad_a[r:].to(dtypes[2]),
                 grad_b_up.to(dtypes[3]), grad_a_down.to(dtypes[4]), grad_b_down.to(dtypes[5]), None)

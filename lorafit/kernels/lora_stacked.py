@@ -33,6 +33,7 @@ MLP's gate and up (kernels/lora_mlp.py).
 import torch
 from torch import nn
 
+from . import product_in_float32
 from .rope import rope_into
 
 
@@ -234,12 +235,12 @@ class _StackedLoRA(torch.autograd.Function):
             elif ctx.needs_input_grad[0]:  # an input with spare columns
                 grad_x = input_grad(x_shape, torch.cat([dy, dy_b], 1), M[:, :C])
         del M
-        grad_a = dy_b.t() @ x_cat[:, :C]  # (kr, C): s (dy_i B_i)^T x (s is in M's B blocks)
+        grad_a = product_in_float32(dy_b.t(), x_cat[:, :C])  # (kr, C): s (dy_i B_i)^T x (s is in M's B blocks)
         # grad B_i = s dy_i^T (x A_i^T): the diagonal blocks of dy^T (x A^T), computed whole (k times the
         # needed blocks: 1.2% of dy W's FLOPs for 8B's q, k, v, against 0.4% for the blocks alone).
-        grad_b = dy.t() @ x_cat[:, C:]  # (O, kr)
+        grad_b = product_in_float32(dy.t(), x_cat[:, C:]).mul_(ctx.layers[0].scaling)  # (O, kr); one scaling
         out = []
         for i, (m, start, size) in enumerate(weights._blocks(ctx.layers)):
             out.append(grad_a[i * r:(i + 1) * r].to(ctx.param_dtypes[2 * i]))  # (r, C)
-            out.append((grad_b[start:start + size, i * r:(i + 1) * r] * m.scaling).to(ctx.param_dtypes[2 * i + 1]))
+            out.append(grad_b[start:start + size, i * r:(i + 1) * r].to(ctx.param_dtypes[2 * i + 1]))
         return (grad_x, None, None, None, None, *out)

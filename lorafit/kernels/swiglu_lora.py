@@ -32,7 +32,7 @@ cuBLAS/MKL products when this kernel does not apply: no CUDA, float32, or r > 64
 import torch
 import torch.nn.functional as F
 
-from . import eager_cuda
+from . import eager_cuda, product_in_float32
 
 try:  # CUDA builds of torch bring Triton; CPU-only installs have just the reference path
     import triton
@@ -267,5 +267,5 @@ def down_and_swiglu_backward(dy, weight, a_w, b_w, down_a, scaling: float, gate,
     grad_h = dy @ weight  # (N, I): the base's share; the kernel adds the adapter's
     grad_a, _ = swiglu_lora_backward(grad_h, dy_b, a_w, gate, up, grad_gate, grad_up)
     del grad_h
-    grad_b = (dy.t() @ down_a).float() * scaling  # (C, r)
+    grad_b = product_in_float32(dy.t(), down_a).mul_(scaling)  # (C, r)
     return grad_a, grad_b
