@@ -26,8 +26,11 @@ A dense base: M is one buffer and the model's weights become views into it (name
 unchanged; the kr extra rows and columns, mostly the adapters themselves, take 0.9 MiB a layer for 8B's q,
 k, v and 2.0 MiB for its gate and up). Its adapter blocks are copied from the float32 masters whenever these
 changed (an optimizer step, a loaded adapter). An NF4 base (QLoRA) is dequantised into a new M in forward
-and again in backward (the NF4 kernel writes rows of a wider matrix), never kept. The same M serves the
-MLP's gate and up (kernels/lora_mlp.py).
+and again in backward (the NF4 kernel writes rows of a wider matrix), never kept; its adapter blocks are
+kept, as a dense M's are. The same M serves the MLP's gate and up (kernels/lora_mlp.py).
+
+For q, k, v the function also applies RoPE (`rotary`): q and k rotated in place in its output, their grads
+rotated back into [dy | dy B]. The adapters' grads come out of their GEMMs in float32 (product_in_float32).
 """
 
 import torch

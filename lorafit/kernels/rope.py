@@ -12,7 +12,9 @@ they are functions of the positions only. Computed in float32, rounded once on s
 
 Specification: reference.rope. Entry points: `rope` runs the op lorafit::rope (Triton on CUDA, the
 reference elsewhere); `rope_triton` runs the Triton kernel, forward and backward, on any device (CPU
-tensors need TRITON_INTERPRET=1): the tests' way in.
+tensors need TRITON_INTERPRET=1): the tests' way in; `rope_into` rotates without autograd into given
+outputs, in place or into rows of a wider matrix (kernels/lora_stacked.py's q, k, v function, forward and
+backward).
 """
 
 import torch
