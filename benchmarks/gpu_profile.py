@@ -171,8 +171,10 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
-                 with_stack=True) as prof:
+    # verbose: without it the events of torch 2.11-2.13 carry no Python frames, and the copies below were
+    # printed without their callers (device calls 43-46).
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True,
+                 experimental_config=torch.profiler._ExperimentalConfig(verbose=True)) as prof:
         micro_step(model, x)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -201,10 +203,12 @@ def main() -> None:
     print(f"  {host / 1e3:.1f} ms of host time in {sum(a.count for a in ops)} op calls")
     for a in sorted(ops, key=lambda a: -a.self_cpu_time_total)[: args.top]:
         print(f"  {a.self_cpu_time_total / 1e3:8.2f} ms  x{a.count:<5d} {a.key[:90]}")
-    print("\ncopies and casts by caller (device time; the Python frames that asked for them)")
+    print("\ncopies, casts, fills and elementwise ops by caller (device time; the Python frames that asked for them)")
     averages = prof.key_averages(group_by_input_shape=True, group_by_stack_n=4)
-    copies = [a for a in averages if a.key in ("aten::copy_", "aten::_to_copy", "aten::clone")]
-    for a in sorted(copies, key=lambda a: -a.device_time_total)[:8]:
+    small = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::add", "aten::add_", "aten::mul", "aten::mul_",
+             "aten::zero_", "aten::fill_")
+    copies = [a for a in averages if a.key in small]
+    for a in sorted(copies, key=lambda a: -a.device_time_total)[:12]:
         print(f"  {a.device_time_total / 1e3:8.2f} ms  x{a.count:<4d} {a.key:12s} {a.input_shapes}")
         for frame in a.stack[:4]:
             print(f"        {frame}")
