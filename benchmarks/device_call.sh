@@ -11,8 +11,9 @@
 #                                               (~9 min; 3 timed steps after 1 warm-up, as calls 16-38)
 #   bash benchmarks/device_call.sh regress-1b   Llama-3.2-1B, lorafit alone at the budgets of calls 29-30
 #                                               (Unsloth's peaks there): the four 1B rows still hold (~4 min)
-#   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer, and other tilings
-#                                               of its kernel (benchmarks/nf4_dequantize.py --sweep, ~1 min)
+#   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer, other tilings of its
+#                                               kernel, and the pair-table experiment, checked bit-exact first
+#                                               (benchmarks/nf4_dequantize.py --check, --pairs --sweep, ~1 min)
 #
 # Stages run in the order given; each call of the `device` tool has 10 minutes, so one or two per call.
 set -uo pipefail
@@ -79,7 +80,8 @@ for stage in "$@"; do
       done
       ;;
     nf4-sweep)
-      python3 benchmarks/nf4_dequantize.py --sweep 2>&1 | tee "$OUT/nf4_sweep.txt"
+      { python3 benchmarks/nf4_dequantize.py --check && python3 benchmarks/nf4_dequantize.py --pairs --sweep; } 2>&1 \
+        | tee "$OUT/nf4_sweep.txt"
       ;;
     *) echo "[device_call] unknown stage $stage (tests, speed-8b, regress-1b, nf4-sweep)"; exit 2 ;;
   esac
