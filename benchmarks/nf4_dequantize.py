@@ -104,17 +104,21 @@ def dequantize_layer(w: dict[str, NF4Linear]):
     w["down"].dequantize_into(d[:, :I])
 
 
-def report(label: str, w: dict[str, NF4Linear]) -> None:
+def traffic(w: dict[str, NF4Linear]) -> int:
+    """Bytes a layer's dequantisation moves: bf16 out, 4-bit codes and 1-byte absmax codes in."""
     values = sum(m.in_features * m.out_features for m in w.values())
-    moved = values * 2 + values // 2 + values // 64  # bf16 out, 4-bit codes and 1-byte absmax codes in
+    return values * 2 + values // 2 + values // 64
+
+
+def report(label: str, w: dict[str, NF4Linear]) -> None:
+    moved = traffic(w)
     ms = cuda_ms(lambda: dequantize_layer(w))
     print(f"{label}: {ms * 1e3:.1f} us a layer, {moved / ms / 1e9:.2f} TB/s ({moved / 1e6:.0f} MB)")
 
 
 def compare_pairs(w: dict[str, NF4Linear]) -> None:
     """The shipped kernel and the pairs experiment, each writing the seven weights as contiguous tensors."""
-    values = sum(m.in_features * m.out_features for m in w.values())
-    moved = values * 2 + values // 2 + values // 64
+    moved = traffic(w)
     pairs = code_pairs(w["q"].code)
     for label, fn in (("shipped, contiguous", lambda: [m.dequantized_weight(torch.bfloat16) for m in w.values()]),
                       ("pairs, contiguous", lambda: [dequantize_pairs(m, pairs) for m in w.values()])):

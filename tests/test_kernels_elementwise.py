@@ -195,7 +195,8 @@ def test_rope_kernel_rotates_in_place_and_into_rows_of_a_wider_matrix(dtype):
     expected = _rotate(q, k, cos, signed_sin, transpose=False)
     untouched = qkv[..., (H + HKV) * D:].clone()
     _rotate(q, k, cos, signed_sin, False, q_out=q, k_out=k)
-    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1]) and torch.equal(qkv[..., (H + HKV) * D:], untouched)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+    assert torch.equal(qkv[..., (H + HKV) * D:], untouched)
 
     grad_q = randn(B, H, T, D, dtype=dtype, device=KERNEL_DEVICE, seed=3).transpose(1, 2)
     grad_k = randn(B, HKV, T, D, dtype=dtype, device=KERNEL_DEVICE, seed=4).transpose(1, 2)

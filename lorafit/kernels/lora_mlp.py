@@ -148,7 +148,8 @@ class _LoRAMLP(torch.autograd.Function):
         product_beside(d_cat, I2, M[:I2, C:])  # (N, 2r); M's block diagonal of s B_g, s B_u
         grad_x = input_grad(ctx.x_shape, d_cat, M[:, :C])  # (N, C), or wider with the spare columns
         del M
-        grad_a = product_in_float32(d_cat[:, I2:].t(), x2)  # (2r, C): s (dgate B_g)^T x over s (dup B_u)^T x (s is in M's B blocks)
+        # (2r, C): s (dgate B_g)^T x over s (dup B_u)^T x (s is in M's B blocks)
+        grad_a = product_in_float32(d_cat[:, I2:].t(), x2)
         grad_b_gate, grad_b_up = grad_b_gate.mul_(gate.scaling), grad_b_up.mul_(up.scaling)  # float32
         return (grad_x, None, None,
                 grad_a[:r].to(dtypes[0]), grad_b_gate.to(dtypes[1]), grad_a[r:].to(dtypes[2]),
