@@ -11,6 +11,10 @@
 #                                               (~9 min; 3 timed steps after 1 warm-up, as calls 16-38)
 #   bash benchmarks/device_call.sh regress-1b   Llama-3.2-1B, lorafit alone at the budgets of calls 29-30
 #                                               (Unsloth's peaks there): the four 1B rows still hold (~4 min)
+#   bash benchmarks/device_call.sh qlora-memory-8b
+#                                               Llama-3.1-8B QLoRA, lorafit alone at Unsloth-QLoRA's peak with
+#                                               its default offloaded checkpointing (7.07 GiB in calls 12 and 20):
+#                                               the memory-mode row still fits (~2 min)
 #   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer, other tilings of its
 #                                               kernel, and the pair-table experiment, checked bit-exact first
 #                                               (benchmarks/nf4_dequantize.py --check, --pairs --sweep, ~1 min)
@@ -79,10 +83,15 @@ for stage in "$@"; do
           --steps 5 --results "$OUT/results.jsonl" 2>&1 | tail -2
       done
       ;;
+    qlora-memory-8b)
+      unpack_harness && make_model llama-3.1-8b
+      timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/llama-3.1-8b" --memory-budget 7.07 \
+        --qlora --warmup 1 --steps 3 --results "$OUT/results.jsonl" 2>&1 | tail -4
+      ;;
     nf4-sweep)
       { python3 benchmarks/nf4_dequantize.py --check && python3 benchmarks/nf4_dequantize.py --pairs --sweep; } 2>&1 \
         | tee "$OUT/nf4_sweep.txt"
       ;;
-    *) echo "[device_call] unknown stage $stage (tests, speed-8b, regress-1b, nf4-sweep)"; exit 2 ;;
+    *) echo "[device_call] unknown stage $stage (tests, speed-8b, regress-1b, qlora-memory-8b, nf4-sweep)"; exit 2 ;;
   esac
 done
