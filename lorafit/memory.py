@@ -106,10 +106,13 @@ def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], o
     MLPs a chunk of tokens at a time, or not (None: as the model's MLPs decide for this length)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # float32 grad (4) + AdamW's exp_avg and exp_avg_sq (8) + the compute-dtype copy LoRA layers keep (2)
-    training_state = trainable * (4 + (8 if optimizer_states else 0) + element_size)
-    training_state += _stacked_adapter_padding(model, element_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # float32 grad (4) + AdamW's exp_avg and exp_avg_sq (8), and a compute-dtype copy: autocast's of a fully
+    # trained weight, or the one LoRA layers keep of their adapters where their layer is not checkpointed
+    training_state = sum(p.numel() for p in trainable) * (4 + (8 if optimizer_states else 0))
+    adapters = {id(p) for m in _lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)}
+    training_state += sum(p.numel() for p in trainable if id(p) not in adapters) * element_size
+    training_state += _kept_adapter_copies(model, modes, element_size)
     lora_r = model.lora_config.r if model.lora_config is not None else 0
     chunk = mlp_tile_chunk(model, micro_batch_tokens, tiled)
     per_layer = micro_batch_tokens * saved_bytes_per_token(model.config, lora_r, element_size, tiled_mlp=chunk > 0)
@@ -131,13 +134,32 @@ def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], o
     return MemoryEstimate(weights, training_state, activations, workspace)
 
 
-def _stacked_adapter_padding(model, element_size: int) -> int:
+def _lora_layers(module) -> list:
+    return [m for m in module.modules() if hasattr(m, "lora_A") and hasattr(m, "in_checkpointed_layer")]
+
+
+def _kept_adapter_copies(model, modes: list[str], element_size: int) -> int:
+    """The compute-dtype copies of their adapters that LoRA layers keep between calls (lora.py's
+    keeps_adapter_copies): a 4-bit base's none in a checkpointed decoder layer, where a dense base's stay in
+    the stacked weights whatever the checkpointing (kernels/lora_stacked.py's M, lora_mlp.py's D: counted
+    for every dense layer, o_proj's too, 27 MB for Llama-3.1-8B). Where a 4-bit base's layers are stacked the
+    blocks hold zeros besides (_stacked_adapter_padding)."""
+    layers = model.model.layers
+    checkpointed = {id(m) for layer, mode in zip(layers, modes, strict=True) if mode != "none"
+                    for m in _lora_layers(layer) if isinstance(m.base_layer, NF4Linear)}
+    total = sum((m.lora_A.weight.numel() + m.lora_B.weight.numel()) * element_size
+                for m in _lora_layers(model) if id(m) not in checkpointed)
+    return total + sum(_stacked_adapter_padding(layer, element_size)
+                       for layer, mode in zip(layers, modes) if mode == "none")
+
+
+def _stacked_adapter_padding(module, element_size: int) -> int:
     """The zeros in the adapter blocks that a 4-bit base's stacked LoRA layers keep beside their compute-dtype
     copies (kernels/lora_stacked.py: blockdiag(s B_1, ..., s B_k), (O, kr), holds (k - 1) O r zeros): 42 MB for
     Llama-3.1-8B's q, k, v and gate, up (QLoRA's measured peak rose by the whole blocks, 0.09 GiB, device
     calls 41 and 46)."""
     total = 0
-    for block in model.modules():
+    for block in module.modules():
         names = ("q_proj", "k_proj", "v_proj") if isinstance(block, Attention) else (
             ("gate_proj", "up_proj") if isinstance(block, MLP) else ())
         layers = [getattr(block, name) for name in names]

@@ -97,3 +97,21 @@ def test_a_plan_per_layer_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads2[name], grads[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpointed_layer_keeps_no_copies_of_its_adapters():
+    """A checkpointed layer is there to save memory: its LoRA layers make their compute-dtype adapter copies at
+    each call instead of keeping them (3.9 MB a layer of Llama-3.1-8B QLoRA; lora.py's keeps_adapter_copies),
+    whether the plan was set before or after the adapters were applied."""
+    hf = tiny_hf_model("llama")
+    model = build_from_tensors(model_config_from_hf(hf.config.to_dict()), hf.state_dict().items(), torch.float32,
+                               torch.device("cpu"), Path("tiny"))
+    model.activation_checkpointing = ["layers", "none"]
+    lorafit.apply_lora(model, r=4, alpha=8)
+    first, second = (layer.self_attn.o_proj for layer in model.model.layers)
+    for m in (first, second):
+        assert m.compute_adapters(torch.bfloat16)[0].dtype == torch.bfloat16
+    assert first._compute_adapters is None and second._compute_adapters is not None
+    model.activation_checkpointing = "none"
+    first.compute_adapters(torch.bfloat16)
+    assert first._compute_adapters is not None

@@ -152,14 +152,19 @@ def test_an_nf4_base_is_dequantised_on_demand_and_not_kept():
     assert all(t.shape[0] < O for t in y.grad_fn.saved_tensors)  # no dense (O + 3r, C + 3r) matrix saved
 
 
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["kept", "checkpointed"])
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_changed_adapters_reach_the_stacked_weights(nf4):
+def test_changed_adapters_reach_the_stacked_weights(nf4, checkpointed):
     """After an optimizer step (in place) or a reload (new tensors) the next pass uses the new values (a dense
-    base's M holds them, an NF4 base's cached blocks)."""
+    base's M holds them, an NF4 base's cached blocks). In a checkpointed layer an NF4 base's blocks are made
+    at every call and not kept (lora.py's keeps_adapter_copies)."""
     attn = _attention(torch.float32, nf4=nf4)
+    for m in _layers(attn):
+        m.in_checkpointed_layer = checkpointed
     weights = StackedWeights(_layers(attn))
     x, dy = torch.randn(1, 9, C), torch.randn(1, 9, HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM)
     _run(_stacked(attn, weights), attn, x, dy)
+    assert (weights._adapters is not None) == (nf4 and not checkpointed)
     with torch.no_grad():
         attn.k_proj.lora_B.weight.add_(0.5)  # in place, as AdamW steps
     attn.v_proj.lora_A.weight.data = torch.randn_like(attn.v_proj.lora_A.weight)  # replaced, as a load may

@@ -149,3 +149,8 @@ def test_a_qlora_estimate_counts_the_zeros_of_the_stacked_adapter_blocks():
     assert _stacked_adapter_padding(_meta_lora_model(LLAMA_3_1_8B), 2) == 0  # a dense M holds its own blocks
     estimate = estimate_training_memory(model, 4096, ["none"] * 32)
     assert abs(estimate.total / GiB - 20.14) <= 0.03 * 20.14, estimate.summary()
+    # Offloaded layers keep no adapter copies (lora.py's keeps_adapter_copies): 3.9 MB a layer fewer
+    offloaded = estimate_training_memory(model, 4096, ["offload"] * 32)
+    kept = estimate_training_memory(model, 4096, ["offload"] * 31 + ["none"])
+    per_layer = (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336)) * 16 * 2  # q, o; k, v; gate, up, down
+    assert kept.training_state - offloaded.training_state == per_layer + (2 * 6144 + 28672) * 16 * 2

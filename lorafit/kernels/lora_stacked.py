@@ -27,7 +27,8 @@ unchanged; the kr extra rows and columns, mostly the adapters themselves, take 0
 k, v and 2.0 MiB for its gate and up). Its adapter blocks are copied from the float32 masters whenever these
 changed (an optimizer step, a loaded adapter). An NF4 base (QLoRA) is dequantised into a new M in forward
 and again in backward (the NF4 kernel writes rows of a wider matrix), never kept; its adapter blocks are
-kept, as a dense M's are. The same M serves the MLP's gate and up (kernels/lora_mlp.py).
+kept, as a dense M's are, except in a checkpointed layer (lora.py's keeps_adapter_copies). The same M serves
+the MLP's gate and up (kernels/lora_mlp.py).
 
 For q, k, v the function also applies RoPE (`rotary`): q and k rotated in place in its output, their grads
 rotated back into [dy | dy B]. The adapters' grads come out of their GEMMs in float32 (product_in_float32).
@@ -86,6 +87,8 @@ class StackedWeights:
         B, A = self._adapters
         M[:O, C:].copy_(B)  # M[O:, C:] is never read
         M[O:, :C].copy_(A)
+        if not all(m.keeps_adapter_copies for m in layers):  # a checkpointed layer's: not kept (lora.py)
+            self._adapters = self._seen = None
         return M
 
     def _write_adapters(self, layers, dtype: torch.dtype) -> None:
@@ -93,7 +96,8 @@ class StackedWeights:
         these changed (adapter_versions: an optimizer step, one in 8 micro-batches at the anchor workload)
         into a dense base's M, or into blocks of their own that an NF4 base's M, made at every call, copies:
         2 copies where casting the masters each time took 3k + 1 small kernels, 4 calls a layer and
-        micro-batch (an 8B QLoRA micro-batch ran 736 such casts, 2.1 ms on an H200, device call 43)."""
+        micro-batch (an 8B QLoRA micro-batch ran 736 such casts, 2.1 ms on an H200, device call 43). Those
+        blocks are memory too, so `matrix` drops them again where the layers keep no adapter copies."""
         seen = (adapter_versions(layers), dtype)
         if seen == self._seen and all(m.keep_compute_adapters for m in layers):
             return

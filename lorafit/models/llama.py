@@ -261,9 +261,24 @@ class CausalLM(nn.Module):
         self.name_or_path: str | None = None  # where the weights came from (saved in adapter configs)
         self.hf_config: dict | None = None  # the checkpoint's config.json, written again by save_model
         self.lora_config = None  # set by apply_lora
-        # What layers keep for backward: one of nn/checkpointing.py's MODES, or a list of them, one per layer.
-        self.activation_checkpointing: str | list[str] = "none"
+        self.activation_checkpointing = "none"
         self.pinned_buffers = PinnedBuffers()  # where offloaded layer inputs wait, kept between micro-batches
+
+    @property
+    def activation_checkpointing(self) -> str | list[str]:
+        """What layers keep for backward: one of nn/checkpointing.py's MODES, or a list of them, one per layer."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, modes: str | list[str]) -> None:
+        # The LoRA layers (lora.py) of a checkpointed layer keep no copies made from their adapters: set it
+        # after the adapters are applied (training does).
+        self._activation_checkpointing = modes
+        per_layer = [modes] * len(self.model.layers) if isinstance(modes, str) else modes
+        for layer, mode in zip(self.model.layers, per_layer, strict=True):
+            for m in layer.modules():
+                if hasattr(m, "in_checkpointed_layer"):
+                    m.in_checkpointed_layer = mode != "none"
 
     # What disable_kernels names. cuda_graphs: training micro-batches of one shape replayed from a CUDA graph
     # (training/cuda_graphs.py); the model only carries the switch.
