@@ -9,6 +9,10 @@
 #   bash benchmarks/device_call.sh speed-8b     Llama-3.1-8B speed mode, LoRA and QLoRA: Unsloth without
 #                                               checkpointing (the harness), then lorafit at Unsloth's peak
 #                                               (~9 min; 3 timed steps after 1 warm-up, as calls 16-38)
+#   bash benchmarks/device_call.sh speed-8b-ab  speed-8b with a variant run after each lorafit row: .variant/*.patch
+#                                               (git diff main BRANCH -- lorafit) applied to a copy of the tree;
+#                                               carry .variant too (excluded from git like .anchor). Its rows go to
+#                                               variant_results.jsonl, not recorded (~5 min)
 #   bash benchmarks/device_call.sh regress-1b   Llama-3.2-1B, lorafit alone at the budgets of calls 29-30
 #                                               (Unsloth's peaks there): the four 1B rows still hold (~4 min)
 #   bash benchmarks/device_call.sh qlora-memory-8b
@@ -16,8 +20,8 @@
 #                                               its default offloaded checkpointing (7.07 GiB in calls 12 and 20):
 #                                               the memory-mode row still fits (~2 min)
 #   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer, other tilings of its
-#                                               kernel, and the pair-table experiment, checked bit-exact first
-#                                               (benchmarks/nf4_dequantize.py --check, --pairs --sweep, ~1 min)
+#                                               kernel, and the experiment's variants, checked bit-exact first
+#                                               (benchmarks/nf4_dequantize.py --check, --variants --sweep, ~2 min)
 #
 # Stages run in the order given; each call of the `device` tool has 10 minutes, so one or two per call.
 set -uo pipefail
@@ -50,7 +54,7 @@ print(rows[-1]["peak_alloc_GiB"] if rows and rows[-1].get("status", "ok") == "ok
 EOF
 }
 
-speed_pair() {  # $1 harness system, $2 preset, $3 extra lorafit flags
+speed_pair() {  # $1 harness system, $2 preset, $3 extra lorafit flags, $4 (optional) a variant's tree
   timeout -k 15 300 python3 "$ANCHOR/anchor_bench.py" train --system "$1" --model "$2" --model-dir "$MODEL_DIR" \
     --no-gc --warmup 1 --steps 3 --out "$OUT/anchor_results.jsonl" 2>&1 | tail -3
   local peak
@@ -59,6 +63,18 @@ speed_pair() {  # $1 harness system, $2 preset, $3 extra lorafit flags
   # shellcheck disable=SC2086
   timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/$2" --memory-budget "$peak" \
     --warmup 1 --steps 3 --results "$OUT/results.jsonl" $3 2>&1 | tail -4
+  [ -n "${4:-}" ] || return 0
+  echo "[device_call] the variant:"
+  # shellcheck disable=SC2086
+  PYTHONPATH=$4 timeout -k 15 300 python3 "$4/benchmarks/gpu_anchor.py" --model "$MODEL_DIR/$2" \
+    --memory-budget "$peak" --warmup 1 --steps 3 --results "$OUT/variant_results.jsonl" $3 2>&1 | tail -4
+}
+
+variant_tree() {  # a copy of lorafit/ and benchmarks/ with .variant/*.patch applied (carry .variant); prints it
+  local tree=${TMPDIR:-/tmp}/variant
+  rm -rf "$tree" && mkdir -p "$tree" && cp -r lorafit benchmarks "$tree/"
+  for patch in .variant/*.patch; do patch -s -d "$tree" -p1 < "$patch" >&2 || return 1; done
+  echo "$tree"
 }
 
 for stage in "$@"; do
@@ -72,6 +88,12 @@ for stage in "$@"; do
       unpack_harness && make_model llama-3.1-8b
       speed_pair unsloth llama-3.1-8b ""
       speed_pair unsloth-qlora llama-3.1-8b "--qlora"
+      ;;
+    speed-8b-ab)
+      tree=$(variant_tree) || { echo "[device_call] a .variant patch does not apply"; exit 2; }
+      unpack_harness && make_model llama-3.1-8b
+      speed_pair unsloth llama-3.1-8b "" "$tree"
+      speed_pair unsloth-qlora llama-3.1-8b "--qlora" "$tree"
       ;;
     regress-1b)
       unpack_harness && make_model llama-3.2-1b
@@ -89,9 +111,9 @@ for stage in "$@"; do
         --qlora --warmup 1 --steps 3 --results "$OUT/results.jsonl" 2>&1 | tail -4
       ;;
     nf4-sweep)
-      { python3 benchmarks/nf4_dequantize.py --check && python3 benchmarks/nf4_dequantize.py --pairs --sweep; } 2>&1 \
+      { python3 benchmarks/nf4_dequantize.py --check && python3 benchmarks/nf4_dequantize.py --variants --sweep; } 2>&1 \
         | tee "$OUT/nf4_sweep.txt"
       ;;
-    *) echo "[device_call] unknown stage $stage (tests, speed-8b, regress-1b, qlora-memory-8b, nf4-sweep)"; exit 2 ;;
+    *) echo "[device_call] unknown stage $stage (tests, speed-8b, speed-8b-ab, regress-1b, qlora-memory-8b, nf4-sweep)"; exit 2 ;;
   esac
 done
