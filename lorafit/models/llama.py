@@ -202,24 +202,38 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0, delta=None, defer=False):
+        """x (B, T, C) -> the residual stream after this layer. delta: the previous layer's MLP output, not yet
+        added to x: the add runs here, inside input_layernorm's kernel where it runs. defer: return (x, the MLP's
+        output) unadded, for the next layer or the final norm to add so. Where every norm takes its add, a
+        micro-batch runs no residual add of its own, forward or backward (autograd summing the stream's grad
+        from two readers): 63 bf16 adds of Llama-3.1-8B's, 1.5 ms of its micro-batch on an H200 (call 46)."""
         norm = self.input_layernorm
-        h = norm(x, self._spare_columns(norm, self.self_attn, x))
+        x, h = add_and_norm(norm, delta, x, self._spare_columns(norm, self.self_attn, x))
         attended = self.self_attn(h, cos, sin, mask, cache, layer_idx)
         norm = self.post_attention_layernorm
-        if norm.fuses(x) and x.dtype == attended.dtype:
-            # The residual add inside the norm kernel.
-            h, x = add_rms_norm(attended, x, norm.weight, norm.eps, self._spare_columns(norm, self.mlp, x))
-        else:
-            x = x + attended
-            h = norm(x)
-        return x + self.mlp(h)
+        x, h = add_and_norm(norm, attended, x, self._spare_columns(norm, self.mlp, x))
+        out = self.mlp(h)
+        return (x, out) if defer else x + out
 
     @staticmethod
     def _spare_columns(norm, block, x) -> int:
         """Where the block after a norm runs a fused LoRA function, the norm leaves the columns beside its output
         that the function fills with x A^T (kernels/lora_stacked.py): no copy of x into a wider matrix."""
         return block.spare_input_columns(x) if norm.fuses(x) and eager_cuda(x) else 0
+
+
+def add_and_norm(norm: RMSNorm, delta, x, spare_columns: int = 0):
+    """(x + delta, norm(x + delta)), or with delta None (x, norm(x)): the add inside the norm's kernel where it
+    runs (kernels/rms_norm.py's add_rms_norm), which leaves spare_columns beside its output (see
+    DecoderLayer._spare_columns, asked before the add, of x)."""
+    if delta is None:
+        return x, norm(x, spare_columns)
+    if norm.fuses(x) and x.dtype == delta.dtype:
+        h, x = add_rms_norm(delta, x, norm.weight, norm.eps, spare_columns)
+        return x, h
+    x = x + delta  # the block after the norm decides about its own spare columns: none are left here
+    return x, norm(x)
 
 
 class DecoderStack(nn.Module):
@@ -376,14 +390,19 @@ class CausalLM(nn.Module):
         modes = self.activation_checkpointing
         modes = [modes] * len(self.model.layers) if isinstance(modes, str) else modes
         chain = OffloadChain(self.pinned_buffers) if "offload" in modes else None
+        delta = None  # the last layer's MLP output, not yet added to x (DecoderLayer.forward's defer)
         for i, layer in enumerate(self.model.layers):
-            if cache is None:
-                x = run_layer(layer, modes[i], x, cos, sin, mask, chain=chain)
-            else:
+            if cache is not None:
                 x = layer(x, cos, sin, mask, cache, i)
+            elif modes[i] == "none":  # a checkpointed next layer takes its input whole: added here
+                defer = i + 1 == len(modes) or modes[i + 1] == "none"
+                x = layer(x, cos, sin, mask, delta=delta, defer=defer)
+                x, delta = x if defer else (x, None)
+            else:
+                x = run_layer(layer, modes[i], x, cos, sin, mask, chain=chain)
         if cache is not None:
             cache.advance(T)
-        x = self.model.norm(x)
+        _, x = add_and_norm(self.model.norm, delta, x)
 
         if labels is None:
             if last_logits_only:
