@@ -1,11 +1,13 @@
 """Appends what benchmarks/device_call.sh left under $OUT to results.jsonl, as device call N.
 
-    python benchmarks/record_device_call.py N DIR [--harness-checkpointing "unsloth no-gc"]
+    python benchmarks/record_device_call.py N DIR [--harness-checkpointing "unsloth no-gc"] [--variant TEXT]
 
 DIR/results.jsonl: lorafit's rows (gpu_anchor.py wrote them there), each entry given "device_call": N.
 DIR/anchor_results.jsonl: the anchor harness's rows (../shared/bench), one gpu_anchor_reference entry each,
 labelled with --harness-checkpointing (the harness's own label says "offloaded" for Unsloth even with --no-gc;
-device_call.sh's speed-8b stage runs it with --no-gc, the default here). Prints a table of what it appended.
+device_call.sh's speed-8b stage runs it with --no-gc, the default here). DIR/variant_results.jsonl (the
+speed-8b-ab stage's variant rows) only with --variant, which says what the variant was: each entry is given
+"variant": TEXT. Prints a table of what it appended.
 """
 
 import argparse
@@ -44,6 +46,7 @@ def main() -> None:
     p.add_argument("call", type=int)
     p.add_argument("dir", type=Path)
     p.add_argument("--harness-checkpointing", default="unsloth no-gc")
+    p.add_argument("--variant", default=None, help="record DIR/variant_results.jsonl too, labelled with this")
     args = p.parse_args()
     entries = []
     harness = args.dir / "anchor_results.jsonl"
@@ -52,6 +55,10 @@ def main() -> None:
     ours = args.dir / "results.jsonl"
     if ours.exists():
         entries += [dict(json.loads(line), device_call=args.call) for line in ours.read_text().splitlines() if line]
+    variant = args.dir / "variant_results.jsonl"
+    if args.variant and variant.exists():
+        entries += [dict(json.loads(line), device_call=args.call, variant=args.variant)
+                    for line in variant.read_text().splitlines() if line]
     with RESULTS.open("a") as f:
         for entry in entries:
             f.write(json.dumps(entry) + "\n")
