@@ -50,7 +50,7 @@ if triton is not None:
         packed_ptr, absmax_ptr, code_ptr, nested_scales_ptr, nested_code_ptr, nested_offset_ptr, out_ptr,
         n_values, n_bytes, n_blocks, n_cols, row_stride,
         NESTED: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NESTED_BLOCK_SIZE: tl.constexpr,
-        ROW_STRIDED: tl.constexpr,
+        ROW_STRIDED: tl.constexpr, TWO_ROWS: tl.constexpr,
     ):
         BYTES: tl.constexpr = BLOCK_SIZE // 2  # code bytes per NF4 block
         # The program's first block, as a 64-bit scalar folded into the pointers (a weight may pass 2**31
@@ -94,7 +94,12 @@ if triton is not None:
         if ROW_STRIDED:  # out's rows of n_cols values lie row_stride apart (a block of a wider matrix)
             first_row = first_value // n_cols
             local = (first_value - first_row * n_cols).to(tl.int32) + value_offsets  # from first_row's start
-            rows = local // n_cols  # a program's values may span rows when n_cols < BLOCKS * BLOCK_SIZE
+            if TWO_ROWS:  # n_cols >= the program's values: they span two rows at most, and a compare tells
+                # which, where a division of every offset by n_cols took 15% of the dequantisation's time (the
+                # variants of benchmarks/nf4_dequantize.py, device call 51)
+                rows = (local >= n_cols).to(tl.int32)
+            else:  # a program's values may span several rows
+                rows = local // n_cols
             out_offsets = (first_row + rows) * row_stride + (local - rows * n_cols)
         else:
             out_offsets = first_value + value_offsets
@@ -167,7 +172,7 @@ def launch_dequantize(packed, absmax, code, nested_scales, nested_code, nested_o
     _dequantize_kernel[(triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)](
         packed, absmax, code, *extra, out, n_values, packed.numel(), n_blocks, out.shape[-1], out.stride(0),
         NESTED=nested, BLOCKS=_BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK_SIZE, NESTED_BLOCK_SIZE=NESTED_BLOCK_SIZE,
-        ROW_STRIDED=not out.is_contiguous(),
+        ROW_STRIDED=not out.is_contiguous(), TWO_ROWS=out.shape[-1] >= _BLOCKS_PER_PROGRAM * BLOCK_SIZE,
         **_LAUNCH_OPTIONS,
     )
     return out
