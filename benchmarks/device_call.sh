@@ -19,9 +19,8 @@
 #                                               Llama-3.1-8B QLoRA, lorafit alone at Unsloth-QLoRA's peak with
 #                                               its default offloaded checkpointing (7.07 GiB in calls 12 and 20):
 #                                               the memory-mode row still fits (~2 min)
-#   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer, other tilings of its
-#                                               kernel, and the experiment's variants, checked bit-exact first
-#                                               (benchmarks/nf4_dequantize.py --check, --variants --sweep, ~2 min)
+#   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer and other tilings of its
+#                                               kernel (benchmarks/nf4_dequantize.py --sweep, ~1 min)
 #
 # Stages run in the order given; each call of the `device` tool has 10 minutes, so one or two per call.
 set -uo pipefail
@@ -111,8 +110,7 @@ for stage in "$@"; do
         --qlora --warmup 1 --steps 3 --results "$OUT/results.jsonl" 2>&1 | tail -4
       ;;
     nf4-sweep)
-      { python3 benchmarks/nf4_dequantize.py --check && python3 benchmarks/nf4_dequantize.py --variants --sweep; } 2>&1 \
-        | tee "$OUT/nf4_sweep.txt"
+      python3 benchmarks/nf4_dequantize.py --sweep 2>&1 | tee "$OUT/nf4_sweep.txt"
       ;;
     *) echo "[device_call] unknown stage $stage (tests, speed-8b, speed-8b-ab, regress-1b, qlora-memory-8b, nf4-sweep)"; exit 2 ;;
   esac
