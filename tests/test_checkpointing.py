@@ -51,19 +51,30 @@ def test_unknown_mode_is_refused():
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", ["all", "all_but_the_last"])
 def test_offloaded_layers_give_the_same_loss_and_gradients_on_gpu(plan):
-    """Offloaded layers, fetched one ahead in backward (OffloadChain), bit for bit as keeping everything."""
+    """Offloaded layers, fetched one ahead in backward (OffloadChain), bit for bit as recomputed ones, and as
+    keeping everything: the same loss, the gradients within bf16 rounding. Where consecutive layers keep their
+    activations the residual add runs inside the next layer's norm kernel (models/llama.py), whose backward
+    rounds the stream's grad once where autograd's sum of two rounded grads rounds twice: on an H200 the
+    largest gap, in layer 0's q_proj.lora_B, was 1.1% of that gradient's largest value (1.9e-5 of 1.7e-3,
+    device call 55); a lost or doubled residual grad would be of the gradient's own size."""
     model = _lora_model("cuda", torch.bfloat16)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     n = model.config.num_layers
-    modes = "offload" if plan == "all" else ["offload"] * (n - 1) + ["none"]
+
+    def plan_of(mode):
+        return mode if plan == "all" else [mode] * (n - 1) + ["none"]
+
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, grads = _loss_and_grads(model, "none", "cuda")
-        loss2, grads2 = _loss_and_grads(model, modes, "cuda")
+        loss1, grads1 = _loss_and_grads(model, plan_of("layers"), "cuda")
+        loss2, grads2 = _loss_and_grads(model, plan_of("offload"), "cuda")
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    torch.testing.assert_close(loss2, loss1, rtol=0, atol=0)
     for name in grads:
-        torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0)
+        torch.testing.assert_close(grads2[name], grads1[name], rtol=0, atol=0)
+        assert (grads2[name] - grads[name]).abs().max() <= 3e-2 * grads[name].abs().max(), name
 
 
 @pytest.mark.gpu
