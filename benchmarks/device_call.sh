@@ -19,6 +19,10 @@
 #                                               Llama-3.1-8B QLoRA, lorafit alone at Unsloth-QLoRA's peak with
 #                                               its default offloaded checkpointing (7.07 GiB in calls 12 and 20):
 #                                               the memory-mode row still fits (~2 min)
+#   bash benchmarks/device_call.sh replay-8b    Llama-3.1-8B speed mode, LoRA and QLoRA at Unsloth's peaks (30.81, 21.16
+#                                               GiB in every call since 16): lorafit as planned (eager), then
+#                                               every micro-batch replayed from a CUDA graph (--replay): whether
+#                                               the host still holds the 8B back (~3 min)
 #   bash benchmarks/device_call.sh nf4-sweep    QLoRA's dequantisation of an 8B layer and other tilings of its
 #                                               kernel (benchmarks/nf4_dequantize.py --sweep, ~1 min)
 #
@@ -109,9 +113,18 @@ for stage in "$@"; do
       timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/llama-3.1-8b" --memory-budget 7.07 \
         --qlora --warmup 1 --steps 3 --results "$OUT/results.jsonl" 2>&1 | tail -4
       ;;
+    replay-8b)
+      unpack_harness && make_model llama-3.1-8b
+      for args in "--memory-budget 30.81" "--memory-budget 30.81 --replay" "--memory-budget 21.16 --qlora" \
+                  "--memory-budget 21.16 --qlora --replay"; do
+        # shellcheck disable=SC2086
+        timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/llama-3.1-8b" $args --warmup 1 \
+          --steps 3 --results "$OUT/results.jsonl" 2>&1 | tail -2
+      done
+      ;;
     nf4-sweep)
       python3 benchmarks/nf4_dequantize.py --sweep 2>&1 | tee "$OUT/nf4_sweep.txt"
       ;;
-    *) echo "[device_call] unknown stage $stage (tests, speed-8b, speed-8b-ab, regress-1b, qlora-memory-8b, nf4-sweep)"; exit 2 ;;
+    *) echo "[device_call] unknown stage $stage (tests, speed-8b, speed-8b-ab, regress-1b, qlora-memory-8b, replay-8b, nf4-sweep)"; exit 2 ;;
   esac
 done
