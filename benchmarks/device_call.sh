@@ -73,6 +73,17 @@ speed_pair() {  # $1 harness system, $2 preset, $3 extra lorafit flags, $4 (opti
     --memory-budget "$peak" --warmup 1 --steps 3 --results "$OUT/variant_results.jsonl" $3 2>&1 | tail -4
 }
 
+lorafit_rows() {  # $1 harness preset, $2 warm-up steps, $3 timed steps, then gpu_anchor.py's flags, one row each
+  local preset=$1 warmup=$2 steps=$3 args
+  shift 3
+  unpack_harness && make_model "$preset"
+  for args in "$@"; do
+    # shellcheck disable=SC2086
+    timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/$preset" $args --warmup "$warmup" \
+      --steps "$steps" --results "$OUT/results.jsonl" 2>&1 | tail -3
+  done
+}
+
 variant_tree() {  # a copy of lorafit/ and benchmarks/ with .variant/*.patch applied (carry .variant); prints it
   local tree=${TMPDIR:-/tmp}/variant
   rm -rf "$tree" && mkdir -p "$tree" && cp -r lorafit benchmarks "$tree/"
@@ -98,29 +109,16 @@ for stage in "$@"; do
       speed_pair unsloth llama-3.1-8b "" "$tree"
       speed_pair unsloth-qlora llama-3.1-8b "--qlora" "$tree"
       ;;
-    regress-1b)
-      unpack_harness && make_model llama-3.2-1b
-      # Unsloth's peaks in calls 29 (memory mode, with checkpointing) and 30 (speed mode).
-      for args in "--memory-budget 3.12" "--memory-budget 1.77 --qlora" "--memory-budget 6.77" \
-                  "--memory-budget 5.42 --qlora"; do
-        # shellcheck disable=SC2086
-        timeout -k 15 200 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/llama-3.2-1b" $args --warmup 2 \
-          --steps 5 --results "$OUT/results.jsonl" 2>&1 | tail -2
-      done
+    regress-1b)  # Unsloth's peaks in calls 29 (memory mode, with checkpointing) and 30 (speed mode)
+      lorafit_rows llama-3.2-1b 2 5 "--memory-budget 3.12" "--memory-budget 1.77 --qlora" "--memory-budget 6.77" \
+        "--memory-budget 5.42 --qlora"
       ;;
     qlora-memory-8b)
-      unpack_harness && make_model llama-3.1-8b
-      timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/llama-3.1-8b" --memory-budget 7.07 \
-        --qlora --warmup 1 --steps 3 --results "$OUT/results.jsonl" 2>&1 | tail -4
+      lorafit_rows llama-3.1-8b 1 3 "--memory-budget 7.07 --qlora"
       ;;
     replay-8b)
-      unpack_harness && make_model llama-3.1-8b
-      for args in "--memory-budget 30.81" "--memory-budget 30.81 --replay" "--memory-budget 21.16 --qlora" \
-                  "--memory-budget 21.16 --qlora --replay"; do
-        # shellcheck disable=SC2086
-        timeout -k 15 300 python3 benchmarks/gpu_anchor.py --model "$MODEL_DIR/llama-3.1-8b" $args --warmup 1 \
-          --steps 3 --results "$OUT/results.jsonl" 2>&1 | tail -2
-      done
+      lorafit_rows llama-3.1-8b 1 3 "--memory-budget 30.81" "--memory-budget 30.81 --replay" \
+        "--memory-budget 21.16 --qlora" "--memory-budget 21.16 --qlora --replay"
       ;;
     nf4-sweep)
       python3 benchmarks/nf4_dequantize.py --sweep 2>&1 | tee "$OUT/nf4_sweep.txt"
