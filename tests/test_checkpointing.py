@@ -46,6 +46,8 @@ def test_unknown_mode_is_refused():
     model = _lora_model()
     with pytest.raises(ValueError, match="none, layers, offload"):
         _loss_and_grads(model, "sometimes")
+    with pytest.raises(ValueError, match="1 modes for 2 layers"):
+        model.activation_checkpointing = ["none"]
 
 
 @pytest.mark.gpu

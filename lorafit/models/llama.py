@@ -287,9 +287,12 @@ class CausalLM(nn.Module):
     def activation_checkpointing(self, modes: str | list[str]) -> None:
         # The LoRA layers (lora.py) of a checkpointed layer keep no copies made from their adapters: set it
         # after the adapters are applied (training does).
+        n = len(self.model.layers)
+        per_layer = [modes] * n if isinstance(modes, str) else list(modes)
+        if len(per_layer) != n:
+            raise ValueError(f"activation_checkpointing: {len(per_layer)} modes for {n} layers")
         self._activation_checkpointing = modes
-        per_layer = [modes] * len(self.model.layers) if isinstance(modes, str) else modes
-        for layer, mode in zip(self.model.layers, per_layer, strict=True):
+        for layer, mode in zip(self.model.layers, per_layer):
             for m in layer.modules():
                 if hasattr(m, "in_checkpointed_layer"):
                     m.in_checkpointed_layer = mode != "none"
