@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from .config_keys import did_you_mean, suggest_anywhere, suggest_key, suggest_section
 from .errors import ConfigError
 from .finetune import METHODS
 from .lora import SAVABLE_MODULES, TARGET_GROUPS
@@ -57,33 +58,6 @@ DEFAULT_EFFECTIVE_BATCH = 16
 
 # The demo dataset ships inside the package (lorafit/data/identity.json).
 DEMO_DATA = ("data", "identity.json")
-
-# Names other fine-tuning tools use for our keys: an unknown key close to one of these is pointed at ours.
-ALIASES = {
-    "learning_rate": "train.lr",
-    "num_train_epochs": "train.epochs",
-    "num_epochs": "train.epochs",
-    "per_device_train_batch_size": "train.batch_size",
-    "micro_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "lr_scheduler_type": "train.scheduler",
-    "lr_scheduler": "train.scheduler",
-    "warmup_steps": "train.warmup_ratio",
-    "gradient_clipping": "train.max_grad_norm",
-    "lora_r": "finetune.r",
-    "rank": "finetune.r",
-    "lora_alpha": "finetune.alpha",
-    "lora_dropout": "finetune.dropout",
-    "target_modules": "finetune.targets",
-    "use_rslora": "finetune.rslora",
-    "use_dora": "finetune.dora",
-    "model_name_or_path": "model.source",
-    "base_model": "model.source",
-    "max_length": "model.max_seq_length",
-    "sequence_len": "model.max_seq_length",
-    "dataset": "data.path",
-}
-
 
 def default_lr(recipe: str, method: str) -> float:
     """The guide's learning rate for a recipe and a fine-tuning method."""
@@ -164,7 +138,7 @@ class _Checker:
         value, choices = getattr(self.obj, name), tuple(choices)
         if value not in choices or not isinstance(value, str):
             close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = did_you_mean(close[0] if close else None)
             self.fail(name, f"one of {', '.join(choices)}{alternative}", value, hint)
 
     def text(self, name: str, nullable=False):
@@ -475,7 +449,7 @@ class Config:
             raise ConfigError(f"a config is a mapping of sections ({', '.join(SECTIONS)}), got {_show(data)}")
         for key in data:
             if key not in SECTIONS:
-                raise ConfigError(f"unknown key {key}{_did_you_mean(_suggest_section(str(key)))}")
+                raise ConfigError(f"unknown key {key}{did_you_mean(suggest_section(SECTIONS, str(key)))}")
         return cls(**{name: _section_from_dict(name, data[name]) for name in data})
 
     @classmethod
@@ -560,7 +534,7 @@ def parse_override(override: str) -> tuple[str, str, object]:
     dotted = dotted.strip()
     parts = dotted.split(".")
     if len(parts) != 2 or not all(parts):
-        suggestion = _suggest_anywhere(parts[0]) if len(parts) == 1 else None
+        suggestion = suggest_anywhere(SECTIONS, parts[0]) if len(parts) == 1 else None
         example = f" (did you mean {suggestion}?)" if suggestion else ", e.g. train.lr"
         raise ConfigError(f"override {override!r}: the key must be section.key{example}")
     if not text.strip():
@@ -581,47 +555,5 @@ def _section_from_dict(name: str, data):
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"unknown key {name}.{key}{_did_you_mean(_suggest_key(name, str(key)))}")
+            raise ConfigError(f"unknown key {name}.{key}{did_you_mean(suggest_key(SECTIONS, name, str(key)))}")
     return cls(**data)
-
-
-# ----------------------------------------------------------------------------------------- suggestions
-
-
-def _did_you_mean(suggestion: str | None) -> str:
-    return f" (did you mean {suggestion}?)" if suggestion else ""
-
-
-def _all_names() -> dict[str, list[str]]:
-    """Every spelling we can point at -> the full keys it stands for ("r" -> ["finetune.r"])."""
-    names: dict[str, list[str]] = {}
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            names.setdefault(f.name, []).append(f"{section}.{f.name}")
-    for alias, full in ALIASES.items():
-        names.setdefault(alias, []).append(full)
-    return names
-
-
-def _suggest_key(section: str, key: str) -> str | None:
-    """A key of that exact name in another section first (train.r -> finetune.r), then the closest key in
-    the same section (a typo), then the closest anywhere."""
-    names = _all_names()
-    if key in names:
-        return names[key][0]
-    own = {n: full for n, fulls in names.items() for full in fulls if full.startswith(section + ".")}
-    match = difflib.get_close_matches(key, own, n=1)
-    if match:
-        return own[match[0]]
-    return _suggest_anywhere(key)
-
-
-def _suggest_anywhere(key: str) -> str | None:
-    names = _all_names()
-    match = difflib.get_close_matches(key, names, n=1)
-    return names[match[0]][0] if match else None
-
-
-def _suggest_section(key: str) -> str | None:
-    match = difflib.get_close_matches(key, SECTIONS, n=1)
-    return match[0] if match else _suggest_anywhere(key)
