@@ -77,18 +77,22 @@ class StackedWeights:
 
     def matrix(self, layers, dtype: torch.dtype) -> torch.Tensor:
         """M with the adapters' current values, in dtype (an NF4 base: dequantised into a new M)."""
-        self._write_adapters(layers, dtype)
         if not self.quantized:
+            self._write_adapters(layers, dtype)
             return self.M
         C, O = self.C, self.O
         M = torch.empty(O + self.k * self.r, C + self.k * self.r, dtype=dtype, device=layers[0].lora_A.weight.device)
         for m, start, size in self._blocks(layers):
             m.base_layer.dequantize_into(M[start:start + size, :C])
-        B, A = self._adapters
-        M[:O, C:].copy_(B)  # M[O:, C:] is never read
-        M[O:, :C].copy_(A)
-        if not all(m.keeps_adapter_copies for m in layers):  # a checkpointed layer's: not kept (lora.py)
+        if all(m.keeps_adapter_copies for m in layers):
+            self._write_adapters(layers, dtype)
+            B, A = self._adapters
+            M[:O, C:].copy_(B)  # M[O:, C:] is never read
+            M[O:, :C].copy_(A)
+        else:  # a checkpointed layer's blocks: written straight into this M, none kept (lora.py)
             self._adapters = self._seen = None
+            M[:O, C:].zero_()
+            self._fill_blocks(layers, M[:O, C:], M[O:, :C])
         return M
 
     def _write_adapters(self, layers, dtype: torch.dtype) -> None:
@@ -96,12 +100,11 @@ class StackedWeights:
         these changed (adapter_versions: an optimizer step, one in 8 micro-batches at the anchor workload)
         into a dense base's M, or into blocks of their own that an NF4 base's M, made at every call, copies:
         2 copies where casting the masters each time took 3k + 1 small kernels, 4 calls a layer and
-        micro-batch (an 8B QLoRA micro-batch ran 736 such casts, 2.1 ms on an H200, device call 43). Those
-        blocks are memory too, so `matrix` drops them again where the layers keep no adapter copies."""
+        micro-batch (an 8B QLoRA micro-batch ran 736 such casts, 2.1 ms on an H200, device call 43)."""
         seen = (adapter_versions(layers), dtype)
         if seen == self._seen and all(m.keep_compute_adapters for m in layers):
             return
-        C, O, r, kr = self.C, self.O, self.r, self.k * self.r
+        C, O, kr = self.C, self.O, self.k * self.r
         if not self.quantized:
             B, A = self.M[:O, C:], self.M[O:, :C]
         else:
@@ -110,11 +113,16 @@ class StackedWeights:
                 self._adapters = (torch.zeros(O, kr, dtype=dtype, device=device),
                                   torch.empty(kr, C, dtype=dtype, device=device))
             B, A = self._adapters
+        self._fill_blocks(layers, B, A)
+        self._seen = seen
+
+    def _fill_blocks(self, layers, B: torch.Tensor, A: torch.Tensor) -> None:
+        """The adapters into B's diagonal blocks (s B_i) and A's rows (A_i); B's other blocks stay as they are."""
+        r = self.r
         with torch.no_grad():
             for i, (m, start, size) in enumerate(self._blocks(layers)):
                 B[start:start + size, i * r:(i + 1) * r].copy_(m.lora_B.weight * m.scaling)
                 A[i * r:(i + 1) * r].copy_(m.lora_A.weight)
-        self._seen = seen
 
 
 def adapter_versions(layers) -> tuple:
