@@ -16,6 +16,7 @@ import torch
 
 from .errors import ConfigError
 from .kernels.cross_entropy import LOGITS_CHUNK_BYTES
+from .lora import LoRALinear
 from .models.llama import MLP, Attention
 from .nn.nf4 import NF4Linear
 
@@ -134,8 +135,8 @@ def estimate_training_memory(model, micro_batch_tokens: int, modes: list[str], o
     return MemoryEstimate(weights, training_state, activations, workspace)
 
 
-def _lora_layers(module) -> list:
-    return [m for m in module.modules() if hasattr(m, "lora_A") and hasattr(m, "in_checkpointed_layer")]
+def _lora_layers(module) -> list[LoRALinear]:
+    return [m for m in module.modules() if isinstance(m, LoRALinear)]
 
 
 def _kept_adapter_copies(model, modes: list[str], element_size: int) -> int:
