@@ -9,14 +9,17 @@ MLP's M, down into D (kernels/lora_stacked.py, kernels/lora_mlp.py), o alone; ea
 recorded into a CUDA graph and replayed, so that the GPU's time is what is timed (graph_ms). --sweep also
 tries other program sizes and warp counts (kernels/nf4_dequantize.py's _BLOCKS_PER_PROGRAM, _LAUNCH_OPTIONS).
 
-Measured on an H200: 165 us a layer, 3.3 TB/s (device calls 51, 52), 10.6 ms of the 8B QLoRA micro-batch;
-the sweep's best, 64 blocks of 2 warps, 161 us (the shipped 4 warps within 3%). Tried and dropped (call 51):
-the values as a (bytes, 2) tile already in memory order instead of interleaved through shared memory, from
-one gather a byte of a 256-entry table of (high, low) code pairs (269 us) or from two gathers joined (225);
-the latter with a compare for the row instead of a division of every offset by the row length took 190,
-which is how the shipped kernel finds rows now. Dequantising the MLP's weights ahead on a second stream,
-beside the GEMMs, made the QLoRA micro-batch slower (call 52: 16,502 tokens/s against 16,551, 0.1 GiB more),
-the GEMMs leaving no room on the SMs. A diagnostic: it records nothing.
+Measured on an H200: 155.5 us a layer, 3.53 TB/s (device call 63; a plain copy of 587 MB ran at 4.15 TB/s in call
+62), 10.4 ms of the 8B QLoRA micro-batch. The sweep's best, 64 blocks of 2 warps, was within 3% of the
+shipped 4 warps (call 51). Tried and dropped: the values as a (bytes, 2) tile already in memory order instead of
+interleaved through shared memory, from one gather a byte of a 256-entry table of (high, low) code pairs (269
+us) or from two gathers joined (225); the latter with a compare for the row instead of a division of every
+offset by the row length took 190, which is how the shipped kernel finds rows now (call 51). Each byte's two
+bf16 values packed into one 32-bit word by bit operations and stored from the load's own layout, with no
+interleave: 160 us against 155.5 (call 63; each thread then writes 64 contiguous bytes, a warp's store spread
+over 2 KB). Dequantising the MLP's weights ahead on a second stream, beside the GEMMs, made the QLoRA
+micro-batch slower (call 52: 16,502 tokens/s against 16,551, 0.1 GiB more), the GEMMs leaving no room on the
+SMs. A diagnostic: it records nothing.
 """
 
 import argparse
