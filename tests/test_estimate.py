@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorafit.cli import main
 from lorafit.config import Config
@@ -83,6 +84,25 @@ def test_largest_fitting_doubles_then_bisects():
     assert largest_fitting(lambda n: n <= 37, 2, 4096) == 37
     assert largest_fitting(lambda n: n <= 5000, 2, 4096) == 4096
     assert largest_fitting(lambda n: False, 2, 4096) == 0
+
+
+def test_an_offloaded_layer_recomputes_its_mlp_without_the_down_projection(anchor_config):
+    """An offloaded layer's recomputation skips the fused LoRA MLP's down projection (nn/recomputation.py); a
+    layer recomputed by torch.utils.checkpoint runs it: the 8B's micro-batch differs by its forward's FLOPs
+    (2 a weight value of down and its adapter, 4096 tokens), at the checkpointed modes' shared efficiency."""
+    from lorafit.estimate import DEVICES, GPU_MFU, micro_batch_seconds
+    from lorafit.models.llama import MLP
+
+    hf = json.loads((anchor_config.parent / "llama-3.1-8b" / "config.json").read_text())
+    model = build_meta_model(Config.from_yaml(anchor_config), hf)
+    h200 = DEVICES["H200"]
+    seconds = {mode: micro_batch_seconds(model, 4096, 2048, [mode] * 32, "lora", h200) for mode in ("layers", "offload")}
+    down_values = sum(m.weight.numel() for mlp in model.modules() if isinstance(mlp, MLP)
+                      for m in mlp.down_proj.modules() if isinstance(m, torch.nn.Linear))
+    assert GPU_MFU["layers"] == GPU_MFU["offload"]
+    skipped = 4096 * 2 * down_values / (h200.tflops * 1e12 * GPU_MFU["offload"])
+    assert seconds["layers"] - seconds["offload"] == pytest.approx(skipped, rel=1e-9)
+    assert skipped == pytest.approx(0.045, abs=0.001)  # of 0.34 s: 13%
 
 
 def test_a_small_model_is_bound_by_the_host_launching_its_kernels():

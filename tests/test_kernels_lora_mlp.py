@@ -74,6 +74,25 @@ def test_float32_equals_the_composed_layers(spare_columns):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
 
 
+def test_inside_a_recomputation_the_down_projection_is_skipped_and_the_grads_are_the_same():
+    """An offloaded layer's recomputation reads none of the MLP's output values (nn/recomputation.py): the
+    fused MLP computes no y there and asks for D (dequantised, for a 4-bit base) only in backward."""
+    from lorafit.nn.recomputation import recomputation
+
+    mlp = _lora_mlp_module(torch.float32)
+    x, dy = torch.randn(2, 13, 72), torch.randn(2, 13, 72)
+    weights = FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    expected = _run(_fused(mlp, weights, 8), mlp, x, dy)
+    asked, down = [], weights.down
+    weights.down = lambda *args: asked.append(args) or down(*args)
+    with recomputation():
+        got = _run(_fused(mlp, weights, 8), mlp, x, dy)
+    assert len(asked) == 1  # backward's dy D
+    assert got[0].shape == expected[0].shape and got[0].dtype == expected[0].dtype
+    for g, e in zip(got[1:], expected[1:]):
+        assert torch.equal(g, e)
+
+
 def test_bfloat16_error_is_within_twice_the_composed_layers():
     """Against float32 composed layers on the same values, the fused bf16 path errs at most 2x as much as
     the composed bf16 path (it rounds once where the composed layers round after each GEMM and add)."""

@@ -94,7 +94,7 @@ def test_the_tiled_mlp_equals_the_untiled_one_a_chunk_at_a_time():
 def test_inside_a_recomputation_the_forward_is_skipped_and_the_grads_are_the_same():
     """An offloaded layer's recomputation (nn/checkpointing.py) only rebuilds the autograd graph: the tiled
     MLP computes nothing there, and its backward, which runs every chunk again, gives the same grads."""
-    from lorafit.nn.tiled_mlp import recomputation
+    from lorafit.nn.recomputation import recomputation, recomputing
 
     model = _lora_model()
     mlp = model.model.layers[0].mlp
@@ -102,11 +102,14 @@ def test_inside_a_recomputation_the_forward_is_skipped_and_the_grads_are_the_sam
     _tile(model, 8)
     expected = _mlp_run(mlp, mlp, x, dy)
     rows, handles = _rows_seen(model)
+    recomputed = []  # backward's chunks run inside a recomputation too: their outputs are only roots
+    handles.append(mlp.down_proj.register_forward_pre_hook(lambda m, args: recomputed.append(recomputing())))
     with recomputation():
         got = _mlp_run(mlp, mlp, x, dy)
     for h in handles:
         h.remove()
     assert rows == [CHUNK] * 14 + [4]  # only backward's chunks
+    assert recomputed == [True] * 15
     assert got[0].shape == expected[0].shape and got[0].dtype == expected[0].dtype
     _assert_same(got[1:], expected[1:])
 
@@ -234,7 +237,8 @@ def test_the_memory_estimate_keeps_only_the_mlp_input_from_the_threshold():
 def test_the_time_estimate_adds_the_recomputed_mlp_forward(method):
     """The 8B at one 128K sequence, every layer recomputed: the MLP forward once more (2 FLOPs per weight value
     of its projections and adapters), and with a 4-bit base each pass dequantising its weights per chunk.
-    Every layer offloaded: the recomputation skips the tiled MLP's forward, so only the dequantisations."""
+    Every layer offloaded: the recomputation skips the tiled MLP's forward, so only the dequantisations, less
+    down's in the backward's chunks (as the untiled recomputation skips it once)."""
     from lorafit import Config
     from lorafit.estimate import (DEQUANT_BANDWIDTH_SHARE, DEQUANT_BYTES_PER_VALUE, DEVICES, GPU_MFU,
                                   build_meta_model, micro_batch_seconds)
@@ -261,8 +265,13 @@ def test_the_time_estimate_adds_the_recomputed_mlp_forward(method):
             nf4 = sum(m.in_features * m.out_features for m in layers if isinstance(m, NF4Linear))
             # 3 passes (forward, recompute, backward) and, recomputed, the tiled recompute, each per chunk,
             # for 3 untiled
-            dequantizations = (3 + once_more) * math.ceil(tokens / MLP.tile_chunk_tokens) - 3
-            extra += dequantizations * nf4 * DEQUANT_BYTES_PER_VALUE / (h200.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
+            chunks = math.ceil(tokens / MLP.tile_chunk_tokens)
+            dequantized = ((3 + once_more) * chunks - 3) * nf4
+            if mode == "offload":  # the recomputation's down, skipped (nn/recomputation.py): once a chunk
+                downs = [m for mlp in model.modules() if isinstance(mlp, MLP) for m in mlp.down_proj.modules()]
+                dequantized -= (chunks - 1) * sum(m.in_features * m.out_features for m in downs
+                                                  if isinstance(m, NF4Linear))
+            extra += dequantized * DEQUANT_BYTES_PER_VALUE / (h200.bandwidth_tbs * 1e12 * DEQUANT_BANDWIDTH_SHARE)
         assert tiled - untiled == pytest.approx(extra, rel=1e-9, abs=1e-12)
 
 

@@ -29,6 +29,7 @@ and up's grad B (kernels/swiglu_lora.py).
 import torch
 from torch import nn
 
+from ..nn.recomputation import recomputing
 from . import product_in_float32, swiglu_lora
 from .lora_stacked import StackedWeights, adapter_versions, can_stack, input_grad, product_beside, with_adapter_input
 from .swiglu import swiglu_grads_packed, swiglu_values
@@ -108,7 +109,10 @@ class _LoRAMLP(torch.autograd.Function):
         else:
             h_cat[:, :I] = swiglu_values(gate_up[:, :I], gate_up[:, I:])
             product_beside(h_cat, I, a_w_down.t())
-        y = h_cat @ weights.down(down, x.dtype).t()  # (N, C): [h | h A^T] [W_down | s B_down]^T
+        if recomputing():  # y is never read, only its grad_fn (nn/recomputation.py): no D, no matmul
+            y = x_cat.new_empty(N, C)
+        else:
+            y = h_cat @ weights.down(down, x.dtype).t()  # (N, C): [h | h A^T] [W_down | s B_down]^T
         down_a = h_cat[:, I:].clone()  # (N, r): kept without the (N, I) h it sits beside
         ctx.save_for_backward(x_cat, gate_up, down_a, a_w_down)
         ctx.weights, ctx.layers, ctx.x_shape = weights, layers, x.shape  # an NF4 base is dequantised again

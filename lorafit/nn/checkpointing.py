@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .tiled_mlp import recomputation
+from .recomputation import recomputation
 
 MODES = ("none", "layers", "offload")
 
@@ -152,7 +152,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         x = slot.gpu_x.detach().requires_grad_()
         enabled, dtype = ctx.autocast
         # Without dropout the recomputation only rebuilds the layer's graph: a tiled MLP skips its forward
-        # there (nn/tiled_mlp.py), which its backward runs again chunk by chunk anyway.
+        # there, the fused LoRA MLP its down projection (nn/recomputation.py).
         with (torch.random.fork_rng(devices=[ctx.device.index], enabled=ctx.rng_state is not None),
               torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled),
               contextlib.nullcontext() if ctx.draws else recomputation()):

@@ -17,32 +17,18 @@ The recomputation is the forward's computation: each chunk replays the random st
 (LoRA dropout) and the autocast state of the forward, as an offloaded layer's recomputation does
 (nn/checkpointing.py); the caller's random state is left as it was.
 
-Inside an offloaded layer's recomputation (`recomputation()`) the forward computes nothing: that pass only
+Inside an offloaded layer's recomputation (nn/recomputation.py) the forward computes nothing: that pass only
 rebuilds the layer's autograd graph, nothing reads the MLP's output there (the last operation of a decoder
 layer, added into the residual), and this backward runs every chunk's forward again anyway. The tiled MLP
 then costs no more FLOPs than the untiled one in an offloaded layer.
 """
 
-import threading
+import contextlib
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 import torch
 
-_state = threading.local()  # the autograd engine recomputes layers on its own threads, one per device
-
-
-@contextmanager
-def recomputation():
-    """Marks a forward that only rebuilds the autograd graph for an immediate backward, whose output values
-    are never read and which draws no random numbers (nn/checkpointing.py's offloaded layers without
-    dropout): tiled MLPs skip their forward inside it."""
-    before = getattr(_state, "recomputing", False)
-    _state.recomputing = True
-    try:
-        yield
-    finally:
-        _state.recomputing = before
+from .recomputation import recomputation, recomputing
 
 
 def tiled_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor],
@@ -89,8 +75,9 @@ class _TiledMLP(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.rng_states = []  # one per chunk: the CPU's 5 KB state and a GPU's 16 bytes, ~16 chunks a layer
         ctx.save_for_backward(x)
-        if getattr(_state, "recomputing", False):  # values never read (module docstring); nothing is drawn
-            # (recomputation() is entered only for layers without dropout), so every chunk has the same state
+        ctx.recomputing = recomputing()
+        if ctx.recomputing:  # values never read (module docstring); nothing is drawn (recomputation() is
+            # entered only for layers without dropout), so every chunk has the same state
             state = _rng_state(x.device)
             ctx.rng_states = [state for _ in _chunk_starts(x.numel() // x.shape[-1], chunk_tokens)]
             enabled, dtype = ctx.autocast
@@ -111,8 +98,11 @@ class _TiledMLP(torch.autograd.Function):
         n = ctx.chunk_tokens
         for start, (cpu_state, gpu_state) in zip(_chunk_starts(rows.shape[0], n), ctx.rng_states):
             chunk = rows[start:start + n].detach().requires_grad_(need_x)  # (n, C)
+            # A chunk's output is only the root of its backward: where the layer's forward was a recomputation
+            # (nothing drawn), the chunk's is one too, and the fused LoRA MLP skips its down projection.
             with (torch.random.fork_rng(devices=devices, device_type="cuda"), torch.enable_grad(),
-                  torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled)):
+                  torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled),
+                  recomputation() if ctx.recomputing else contextlib.nullcontext()):
                 torch.set_rng_state(cpu_state)
                 if gpu_state is not None:
                     torch.cuda.set_rng_state(gpu_state, ctx.device)
