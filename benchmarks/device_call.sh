@@ -13,6 +13,10 @@
 #                                               (git diff main BRANCH -- lorafit) applied to a copy of the tree;
 #                                               carry .variant too (excluded from git like .anchor). Its rows go to
 #                                               variant_results.jsonl, not recorded (~5 min)
+#   bash benchmarks/device_call.sh memory-8b    Llama-3.1-8B memory mode, LoRA: Unsloth with its offloaded checkpointing
+#                                               (the harness's default), then lorafit at Unsloth's peak (~3 min);
+#                                               memory-8b-qlora the same for QLoRA. Record these calls with
+#                                               record_device_call.py --harness-checkpointing "unsloth offloaded"
 #   bash benchmarks/device_call.sh regress-1b   Llama-3.2-1B, lorafit alone at the budgets of calls 29-30
 #                                               (Unsloth's peaks there): the four 1B rows still hold (~4 min)
 #   bash benchmarks/device_call.sh qlora-memory-8b
@@ -57,9 +61,11 @@ print(rows[-1]["peak_alloc_GiB"] if rows and rows[-1].get("status", "ok") == "ok
 EOF
 }
 
-speed_pair() {  # $1 harness system, $2 preset, $3 extra lorafit flags, $4 (optional) a variant's tree
+anchor_pair() {  # $1 harness system, $2 preset, $3 extra lorafit flags, $4 (optional) a variant's tree;
+  # HARNESS_FLAGS: the harness's mode (--no-gc: speed mode; empty: Unsloth's offloaded checkpointing)
+  # shellcheck disable=SC2086
   timeout -k 15 300 python3 "$ANCHOR/anchor_bench.py" train --system "$1" --model "$2" --model-dir "$MODEL_DIR" \
-    --no-gc --warmup 1 --steps 3 --out "$OUT/anchor_results.jsonl" 2>&1 | tail -3
+    ${HARNESS_FLAGS---no-gc} --warmup 1 --steps 3 --out "$OUT/anchor_results.jsonl" 2>&1 | tail -3
   local peak
   peak=$(unsloth_peak "$1" "$2")
   if [ -z "$peak" ]; then echo "[device_call] no $1 row for $2: lorafit not run"; return; fi
@@ -100,14 +106,22 @@ for stage in "$@"; do
       ;;
     speed-8b)
       unpack_harness && make_model llama-3.1-8b
-      speed_pair unsloth llama-3.1-8b ""
-      speed_pair unsloth-qlora llama-3.1-8b "--qlora"
+      anchor_pair unsloth llama-3.1-8b ""
+      anchor_pair unsloth-qlora llama-3.1-8b "--qlora"
       ;;
     speed-8b-ab)
       tree=$(variant_tree) || { echo "[device_call] a .variant patch does not apply"; exit 2; }
       unpack_harness && make_model llama-3.1-8b
-      speed_pair unsloth llama-3.1-8b "" "$tree"
-      speed_pair unsloth-qlora llama-3.1-8b "--qlora" "$tree"
+      anchor_pair unsloth llama-3.1-8b "" "$tree"
+      anchor_pair unsloth-qlora llama-3.1-8b "--qlora" "$tree"
+      ;;
+    memory-8b)
+      unpack_harness && make_model llama-3.1-8b
+      HARNESS_FLAGS="" anchor_pair unsloth llama-3.1-8b ""
+      ;;
+    memory-8b-qlora)
+      unpack_harness && make_model llama-3.1-8b
+      HARNESS_FLAGS="" anchor_pair unsloth-qlora llama-3.1-8b "--qlora"
       ;;
     regress-1b)  # Unsloth's peaks in calls 29 (memory mode, with checkpointing) and 30 (speed mode)
       lorafit_rows llama-3.2-1b 2 5 "--memory-budget 3.12" "--memory-budget 1.77 --qlora" "--memory-budget 6.77" \
@@ -123,6 +137,6 @@ for stage in "$@"; do
     nf4-sweep)
       python3 benchmarks/nf4_dequantize.py --sweep 2>&1 | tee "$OUT/nf4_sweep.txt"
       ;;
-    *) echo "[device_call] unknown stage $stage (tests, speed-8b, speed-8b-ab, regress-1b, qlora-memory-8b, replay-8b, nf4-sweep)"; exit 2 ;;
+    *) echo "[device_call] unknown stage $stage (tests, speed-8b, speed-8b-ab, memory-8b, memory-8b-qlora, regress-1b, qlora-memory-8b, replay-8b, nf4-sweep)"; exit 2 ;;
   esac
 done
