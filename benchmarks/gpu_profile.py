@@ -1,7 +1,7 @@
 """Where the anchor workload's GPU time goes, and how fast the host link is.
 
     python benchmarks/gpu_profile.py --preset llama-3.1-8b [--checkpointing none|layers|offload] [--no-kernels]
-                                     [--qlora]
+                                     [--qlora] [--mlp-chunk 2048]
 
 Builds the preset's architecture with random weights straight on the GPU (no 16 GB checkpoint on disk),
 applies LoRA r=16 to all 7 projections as gpu_anchor.py does, and profiles the forward and backward of one
@@ -141,12 +141,16 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--skip-link", action="store_true")
     p.add_argument("--qlora", action="store_true", help="the projections in NF4")
+    p.add_argument("--mlp-chunk", type=int, default=0,
+                   help="tokens a tiled MLP runs at a time (nn/tiled_mlp.py; the memory modes' halves: 2048)")
     args = p.parse_args()
 
     if not args.skip_link:
         print("host link (pinned, 1 GiB):", {k: round(v, 1) for k, v in host_link_rates().items()})
     model, hf = build_model(args.preset, args.qlora)
     model.activation_checkpointing = args.checkpointing
+    if args.mlp_chunk:
+        model.tile_mlp_from(args.micro_batch * args.seq_len, args.mlp_chunk)
     model.kernels = not args.no_kernels
     if args.disable_kernels:
         model.disable_kernels(args.disable_kernels)
@@ -164,7 +168,7 @@ def main() -> None:
     per_micro = (time.perf_counter() - t) / args.timed
     tokens = args.micro_batch * args.seq_len
     print(f"{args.preset} checkpointing={args.checkpointing} kernels={not args.no_kernels} "
-          f"off={args.disable_kernels}: "
+          f"off={args.disable_kernels}{f' MLP {args.mlp_chunk} tokens at a time' if args.mlp_chunk else ''}: "
           f"{per_micro * 1e3:.1f} ms per micro-batch (fwd+bwd, no optimizer) = {tokens / per_micro:,.0f} tok/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; the host returned after "
           f"{host_s / args.timed * 1e3:.1f} ms a micro-batch")
