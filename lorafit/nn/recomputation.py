@@ -9,7 +9,9 @@ values. What a module skips there:
   micro-batch on an H200, and an NF4 base's down weight is not dequantised.
 
 It is entered only where nothing draws random numbers (layers without dropout), so that a skipped forward
-leaves the random state as the real one would.
+leaves the random state as the real one would. The MLP's skips hold because the MLP is a decoder layer's last
+block, its output only added to the residual stream (models/llama.py's DecoderLayer); a layer that normed
+the MLP's output (Gemma 2's post-feedforward norm) would read it, and must not enter this for its MLP.
 """
 
 import threading
