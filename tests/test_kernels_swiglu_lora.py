@@ -86,6 +86,43 @@ def test_kernel_sums_row_ranges_in_a_fixed_order():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("with_b", [True, False], ids=["with_b", "without_b"])
+def test_kernel_writes_the_grads_over_gate_and_up(with_b):
+    """grad_gate and grad_up may be gate and up themselves (lora_mlp writes [dgate | dup] over the saved
+    [gate | up]): each program reads a tile before it writes that tile's grads, so the results are the ones
+    written into a buffer of their own, bit for bit; rows over several programs' ranges (N = 600)."""
+    torch.manual_seed(3)
+    kw = dict(dtype=torch.float16, device=DEVICE)
+    N, I, r = 600, 130, 8
+    gate_up = torch.randn(N, 2 * I + 6, **kw)
+    grad_h, dy_b, a = torch.randn(N, I, **kw), torch.randn(N, r, **kw), torch.randn(r, I, **kw) * 0.1
+    low = torch.randn(N, 2 * r, **kw)
+    down = (low[:, :r], low[:, r:]) if with_b else (None, None)
+    out = torch.empty(N, 2 * I, **kw)
+    expected = swiglu_lora.swiglu_lora_backward(grad_h, dy_b, a, gate_up[:, :I], gate_up[:, I:2 * I], out[:, :I],
+                                                out[:, I:], *down)
+    spare = gate_up[:, 2 * I:].clone()
+    got = swiglu_lora.swiglu_lora_backward(grad_h, dy_b, a, gate_up[:, :I], gate_up[:, I:2 * I], gate_up[:, :I],
+                                           gate_up[:, I:2 * I], *down)
+    assert torch.equal(gate_up[:, :2 * I], out) and torch.equal(gate_up[:, 2 * I:], spare)
+    assert torch.equal(got[0], expected[0])
+    if with_b:
+        assert all(torch.equal(g, e) for g, e in zip(got[1], expected[1]))
+
+
+def test_a_second_backward_through_the_fused_mlp_is_refused(monkeypatch):
+    """The fused MLP's backward writes its grads over the activations it saved: a second backward through
+    the same graph (retain_graph=True) raises rather than use them."""
+    monkeypatch.setattr(swiglu_lora, "applies", lambda gate, r: swiglu_lora.can_run(gate, r))  # CPU: interpreted
+    mlp = _mlp(torch.float16)
+    weights = lora_mlp.FusedMLPWeights(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    x = torch.randn(2, 37, 72, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    y = lora_mlp.lora_mlp(x, weights, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        y.sum().backward()
+
+
 def _mlp(dtype):
     from tests.test_kernels_lora_mlp import _lora_mlp_module
 

@@ -179,7 +179,8 @@ def _splits(N: int, col_blocks: int, device: torch.device) -> int:
 
 def swiglu_lora_backward(grad_h, dy_b, a_down, gate, up, grad_gate, grad_up, down_gate=None, down_up=None):
     """Triton (CPU tensors need TRITON_INTERPRET=1). (N, I) row-major views (unit column stride) for grad_h
-    (= dy W_down), gate, up and the outputs grad_gate, grad_up (which may be halves of one buffer); dy_b (N, r),
+    (= dy W_down), gate, up and the outputs grad_gate, grad_up (which may be halves of one buffer, and may be
+    gate and up themselves: each program reads a tile before it writes that tile's grads); dy_b (N, r),
     a_down (r, I); down_gate, down_up (N, r) or None. Writes dgate and dup; returns grad A_down (r, I) and, with
     down_gate and down_up, (grad B_gate, grad B_up) (I, r) each, unscaled, all float32. See reference_backward."""
     N, I = gate.shape
