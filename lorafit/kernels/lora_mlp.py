@@ -137,7 +137,6 @@ class _LoRAMLP(torch.autograd.Function):
         I, C, r = weights.I, weights.C, weights.r
         I2 = 2 * I
         gate_up = gate_up_cat[:, :I2]  # (N, 2I)
-        N = gate_up.shape[0]
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(gate_up.dtype)  # (N, C)
         x2, down_gate, down_up = x_cat[:, :C], x_cat[:, C:C + r], x_cat[:, C + r:]
 
@@ -153,7 +152,7 @@ class _LoRAMLP(torch.autograd.Function):
                 grad_h, dy_b, a_w_down, gate_up[:, :I], gate_up[:, I:], d_cat[:, :I], d_cat[:, I:I2], down_gate,
                 down_up)
         else:  # the composed ops are not written to run in place: a buffer of its own
-            d_cat = torch.empty(N, I2 + 2 * r, dtype=gate_up.dtype, device=gate_up.device)
+            d_cat = torch.empty_like(gate_up_cat)  # (N, 2I + 2r)
             grad_h.addmm_(dy_b, a_w_down)  # the adapter's share, in place
             h = swiglu_values(gate_up[:, :I], gate_up[:, I:])  # recomputed: (N, I)
             grad_a_down = product_in_float32(dy_b.t(), h)  # (r, I)
