@@ -167,8 +167,9 @@ def main() -> None:
     torch.cuda.synchronize()
     per_micro = (time.perf_counter() - t) / args.timed
     tokens = args.micro_batch * args.seq_len
+    tiling = f" MLP {args.mlp_chunk} tokens at a time" if args.mlp_chunk else ""
     print(f"{args.preset} checkpointing={args.checkpointing} kernels={not args.no_kernels} "
-          f"off={args.disable_kernels}{f' MLP {args.mlp_chunk} tokens at a time' if args.mlp_chunk else ''}: "
+          f"off={args.disable_kernels}{tiling}: "
           f"{per_micro * 1e3:.1f} ms per micro-batch (fwd+bwd, no optimizer) = {tokens / per_micro:,.0f} tok/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; the host returned after "
           f"{host_s / args.timed * 1e3:.1f} ms a micro-batch")
