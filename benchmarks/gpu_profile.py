@@ -105,22 +105,22 @@ def host_link_rates(gib: float = 1.0) -> dict:
     return {"h2d_GBps": n / h2d / 1e9, "d2h_GBps": n / d2h / 1e9, "duplex_each_GBps": n / duplex / 1e9}
 
 
-def print_idle_gaps(kernels, top: int, at_least_us: float = 5.0) -> None:
+def print_idle_gaps(kernels, top: int, what: str, at_least_us: float = 5.0) -> None:
     """Where the GPU waits between kernels: the span from the first kernel's start to the last one's end
-    against the time some kernel runs, and the longest gaps with the kernels either side (a gap after a
-    short kernel is the host launching too slowly; one before a copy, a wait on the host)."""
+    against the time some kernel runs, and the longest gaps with the kernels either side and when they began
+    (a gap after a short kernel is the host launching too slowly; one before a copy, a wait on the host)."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
     busy, gaps, end = 0.0, [], spans[0][0]
     for i, (start, stop, _) in enumerate(spans):
         if start > end and start - end >= at_least_us:
-            gaps.append((start - end, spans[i - 1][2], spans[i][2]))
+            gaps.append((start - end, spans[i - 1][2], spans[i][2], end - spans[0][0]))
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     span = end - spans[0][0]
-    print(f"\nGPU span {span / 1e3:.1f} ms, some kernel running {busy / 1e3:.1f} ms; {len(gaps)} gaps of "
-          f">= {at_least_us:.0f} us take {sum(g for g, _, _ in gaps) / 1e3:.1f} ms, the longest:")
-    for gap, before, after in sorted(gaps, reverse=True)[:top]:
-        print(f"  {gap:8.1f} us  after {before[:50]}  before {after[:50]}")
+    print(f"\n{what}: GPU span {span / 1e3:.1f} ms, running {busy / 1e3:.1f} ms; {len(gaps)} gaps of "
+          f">= {at_least_us:.0f} us take {sum(g[0] for g in gaps) / 1e3:.1f} ms, the longest:")
+    for gap, before, after, at in sorted(gaps, reverse=True)[:top]:
+        print(f"  {gap:8.1f} us at {at / 1e3:6.1f} ms  after {before[:45]}  before {after[:45]}")
 
 
 def micro_step(model, x):
@@ -193,7 +193,10 @@ def main() -> None:
     print(f"\ndevice time {total / 1e3:.1f} ms in {len(kernels)} kernels (one micro-batch, under the profiler)")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:12s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
-    print_idle_gaps(kernels, args.top)
+    print_idle_gaps(kernels, args.top, "any kernel")
+    # Offloading's copies run on a side stream: without them, the gaps are where the compute stream waits.
+    compute = [e for e in kernels if not re.match(r"Memcpy [DH]to[DH]", e.name)]
+    print_idle_gaps(compute, args.top, "compute kernels (no copies)")
     print(f"\ntop {args.top} kernels by device time")
     for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {us / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")
