@@ -149,14 +149,17 @@ def spare_columns(layers) -> int:
 
 def product_beside(cat: torch.Tensor, K: int, weight: torch.Tensor) -> None:
     """cat[:, K:] = cat[:, :K] @ weight: a product of a matrix's first K columns written beside them (x A^T
-    beside x, dy B beside dy). On the CPU those columns are zeroed first: PyTorch 2.13's bf16 matmul on an
-    Intel Xeon (oneDNN's AMX kernel, uxlfoundation/oneDNN issue 5717: K not a multiple of 32) reads a column
-    slice's rows past its K columns and multiplies the excess by zeros, so unset memory there that happens to
-    hold a NaN turned the product NaN (a flaky CPU test). cuBLAS reads the slice only, and a fill would be one
-    more kernel per call: 192 in an 8B micro-batch."""
+    beside x, dy B beside dy). On CUDA cuBLAS writes it there itself (rows C + kr apart): no product of its
+    own copied over, one kernel fewer per call (128-192 in an 8B micro-batch). On the CPU those columns are
+    zeroed first: PyTorch 2.13's bf16 matmul on an Intel Xeon (oneDNN's AMX kernel, uxlfoundation/oneDNN
+    issue 5717: K not a multiple of 32) reads a column slice's rows past its K columns and multiplies the
+    excess by zeros, so unset memory there that happens to hold a NaN turned the product NaN (a flaky CPU
+    test). cuBLAS reads the slice only."""
     if cat.device.type == "cpu":
         cat[:, K:].zero_()
-    cat[:, K:] = cat[:, :K] @ weight
+        cat[:, K:] = cat[:, :K] @ weight
+    else:
+        torch.mm(cat[:, :K], weight.to(cat.dtype), out=cat[:, K:])  # out= takes no autocast: cast here
 
 
 def with_adapter_input(x: torch.Tensor, C: int, A: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..kernels.rms_norm import add_rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
 from ..nn.attention import attention, can_run_varlen, varlen_attention
-from ..nn.checkpointing import OffloadChain, PinnedBuffers, run_layer
+from ..nn.checkpointing import OffloadChain, PinnedBuffers, run_layer, takes_delta
 from ..nn.linear import Linear
 from ..nn.norm import RMSNorm
 from ..nn.rope import RotaryEmbedding, apply_rope
@@ -394,13 +394,15 @@ class CausalLM(nn.Module):
         modes = [modes] * len(self.model.layers) if isinstance(modes, str) else modes
         chain = OffloadChain(self.pinned_buffers) if "offload" in modes else None
         delta = None  # the last layer's MLP output, not yet added to x (DecoderLayer.forward's defer)
+        # Where the next layer takes it unadded too (takes_delta; the final norm does), a layer leaves the add
+        # to it; a layer recomputed from its input ("layers") takes that input whole.
+        takes = [takes_delta(m, x) for m in modes] + [True]
         for i, layer in enumerate(self.model.layers):
             if cache is not None:
                 x = layer(x, cos, sin, mask, cache, i)
-            elif modes[i] == "none":  # a checkpointed next layer takes its input whole: added here
-                defer = i + 1 == len(modes) or modes[i + 1] == "none"
-                x = layer(x, cos, sin, mask, delta=delta, defer=defer)
-                x, delta = x if defer else (x, None)
+            elif takes[i]:
+                out = run_layer(layer, modes[i], x, cos, sin, mask, chain=chain, delta=delta, defer=takes[i + 1])
+                x, delta = out if takes[i + 1] else (out, None)
             else:
                 x = run_layer(layer, modes[i], x, cos, sin, mask, chain=chain)
         if cache is not None:
