@@ -108,18 +108,18 @@ def run_layer(layer, mode: str, x: torch.Tensor, *args, chain: OffloadChain | No
     residual = _residual(delta, defer)
     if mode == "none" or not torch.is_grad_enabled():
         return layer(x, *args, **residual)
-    if not takes_delta(mode, x) and residual:
-        raise ValueError(f"a layer checkpointed as {mode!r} takes its input whole: no delta, no defer")
-    if takes_delta(mode, x):
-        # The function's output records a gradient only if an input requires one; the adapters inside the
-        # layer are not inputs, and the first layer's input (a frozen embedding's output) requires none.
-        if not x.requires_grad:
-            x = x.detach().requires_grad_()
-        return _OffloadedCheckpoint.apply(layer, chain or OffloadChain(), defer, x, delta, *args)
-    # Recorded into a CUDA graph (training/cuda_graphs.py), the RNG state cannot be read on the CPU; graphs
-    # take checkpointed layers only from models without dropout, whose recomputation draws nothing.
-    preserve_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-    return checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=preserve_rng)
+    if not takes_delta(mode, x):  # "layers", or "offload" with nowhere to offload to (no CUDA)
+        if residual:
+            raise ValueError(f"a layer checkpointed as {mode!r} takes its input whole: no delta, no defer")
+        # Recorded into a CUDA graph (training/cuda_graphs.py), the RNG state cannot be read on the CPU; graphs
+        # take checkpointed layers only from models without dropout, whose recomputation draws nothing.
+        preserve_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        return checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=preserve_rng)
+    # The function's output records a gradient only if an input requires one; the adapters inside the layer
+    # are not inputs, and the first layer's input (a frozen embedding's output) requires none.
+    if not x.requires_grad:
+        x = x.detach().requires_grad_()
+    return _OffloadedCheckpoint.apply(layer, chain or OffloadChain(), defer, x, delta, *args)
 
 
 def takes_delta(mode: str, x: torch.Tensor) -> bool:
